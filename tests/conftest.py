@@ -1,0 +1,54 @@
+"""Shared fixtures. The plain functions behind them are in ``helpers.py`` (``import helpers``)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import helpers
+
+SHARED_LAYOUTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "layouts")
+
+
+@pytest.fixture
+def make_models(tmp_path):
+    """``make_models(n, dtypes=None, folder=None, **write_model_kw) -> [paths]``: small SD1.5-keyed checkpoints."""
+
+    def make(n: int, dtypes=None, folder=None, **kw):
+        return helpers.write_models(folder or tmp_path / "in", n, dtypes=dtypes, **kw)
+
+    return make
+
+
+@pytest.fixture
+def two_models(make_models):
+    return make_models(2)
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    d = tmp_path / "out"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def shared_layout():
+    """``shared_layout(name) -> dict`` from ../shared/layouts (skips when that folder is not beside the repo)."""
+    import json
+
+    def load(name: str):
+        path = os.path.join(SHARED_LAYOUTS, name if name.endswith(".json") else name + ".json")
+        if not os.path.exists(path):
+            pytest.skip(f"{path} is not available here")
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    return load
+
+
+@pytest.fixture
+def not_root():
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        pytest.skip("file permissions do not stop root")
