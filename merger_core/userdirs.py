@@ -1,0 +1,54 @@
+"""Where Model Merger keeps its own data (the hash and CivitAI cache).
+
+Order of precedence:
+
+1. the ``MODEL_MERGER_HOME`` environment variable, if set and not empty;
+2. a folder set by the host at start-up with :func:`use_comfyui_user_dir` (the ComfyUI nodes call it with ComfyUI's
+   user directory, so the data lives in ``<ComfyUI user dir>/model_merger``);
+3. the platform's user data folder (``platformdirs.user_data_dir("model-merger")``: ``~/.local/share/model-merger``
+   on Linux, ``~/Library/Application Support/model-merger`` on macOS, ``%LOCALAPPDATA%\\model-merger`` on Windows).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+ENV_VAR = "MODEL_MERGER_HOME"
+APP_NAME = "model-merger"
+COMFYUI_SUBDIR = "model_merger"
+CACHE_DB_NAME = "cache.sqlite3"
+
+_host_dir: Optional[str] = None
+
+
+def use_comfyui_user_dir(user_dir: str | os.PathLike | None) -> Optional[str]:
+    """Keep the data under ``<user_dir>/model_merger`` (the ComfyUI user directory). ``None`` undoes it.
+
+    Returns the folder that will be used (not created here). The environment variable still wins.
+    """
+    global _host_dir
+    _host_dir = os.path.join(os.fspath(user_dir), COMFYUI_SUBDIR) if user_dir else None
+    return _host_dir
+
+
+def data_dir(create: bool = True) -> str:
+    """The folder for Model Merger's own data, created if asked (default)."""
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        path = os.path.expanduser(env)
+    elif _host_dir:
+        path = _host_dir
+    else:
+        import platformdirs
+
+        path = platformdirs.user_data_dir(APP_NAME, appauthor=False)
+    path = os.path.abspath(path)
+    if create:
+        os.makedirs(path, exist_ok=True)
+    return path
+
+
+def cache_db_path(create_dir: bool = True) -> str:
+    """Path of the SQLite cache database."""
+    return os.path.join(data_dir(create=create_dir), CACHE_DB_NAME)
