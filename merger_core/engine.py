@@ -557,11 +557,14 @@ class _Runner:
         flats = [views[i].reshape(-1) for i in job.sources]
         if self.on_cpu and method.chunkable:
             def produce(s, e, dst):
+                ctx.offset = s
                 dst.copy_(method.merge_tensor([f[s:e].to(torch.float32) for f in flats], weights, params, ctx))
 
             self.emit_cpu(job, produce)
             return
-        if self.on_cpu:
+        if self.on_cpu and method.native_inputs:
+            ts = [f.reshape(job.shape) for f in flats]  # file-dtype views; the method widens slices itself
+        elif self.on_cpu:
             ts = [f.to(torch.float32).reshape(job.shape) for f in flats]
         else:
             ts = [self.to_device(f).to(torch.float32).reshape(job.shape) for f in flats]

@@ -41,6 +41,7 @@ class KeyContext:
     seed: int = 0
     input_names: Sequence[str] = ()
     sources: Sequence[int] = ()  # manifest indices of the inputs passed in, in order
+    offset: int = 0  # element offset of the slices passed in (chunkable methods), so per-element randomness is chunk-independent
 
 
 class MergeMethod:
@@ -48,6 +49,7 @@ class MergeMethod:
     description: str = ""
     kind: str = "linear"  # "linear" or "tensor"
     chunkable: bool = False
+    native_inputs: bool = False  # CPU: receive the inputs' views in their file dtype and widen slices itself (memory flat in N)
     params: Tuple[Param, ...] = ()
     min_inputs: int = 2
     max_inputs: Optional[int] = None
@@ -116,3 +118,9 @@ def list_methods() -> List[str]:
 
 
 from . import weighted_sum  # noqa: E402,F401  (registers itself)
+from . import add_difference  # noqa: E402,F401
+from . import train_difference  # noqa: E402,F401
+from . import task_arithmetic  # noqa: E402,F401
+from . import ties  # noqa: E402,F401
+from . import dare  # noqa: E402,F401
+from . import slerp  # noqa: E402,F401
