@@ -184,8 +184,12 @@ def _derive_sd3(src: Dict[str, dict], hidden: int, depth: int, qk_norm: bool, se
     return out
 
 
-def _numel(shape) -> int:
-    return math.prod(shape)
+FLOATS = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
+
+
+def _numel(shape, dtype="F16") -> int:
+    """Parameters: elements of floating-point tensors (integer buffers such as position_ids do not count)."""
+    return math.prod(shape) if dtype in FLOATS else 0
 
 
 def _fingerprint(arch_id: str, spec: dict, tensors: Dict[str, dict], verified: bool, source: str) -> dict:
@@ -195,13 +199,13 @@ def _fingerprint(arch_id: str, spec: dict, tensors: Dict[str, dict], verified: b
     for k in sorted(unet):
         if any(re.search(p, k) for p in spec["sig"]):
             sig[k] = unet[k]["shape"]
-    comps = {"unet": {"prefixes": [UNET, ""], "tensors": len(unet), "params": sum(_numel(v["shape"]) for v in unet.values()), "required": True}}
+    comps = {"unet": {"prefixes": [UNET, ""], "tensors": len(unet), "params": sum(_numel(v["shape"], v["dtype"]) for v in unet.values()), "required": True}}
     for name, prefixes in spec["components"].items():
         sel = {k: v for k, v in tensors.items() if any(k.startswith(p) for p in prefixes)}
         comps[name] = {
             "prefixes": prefixes,
             "tensors": len(sel) or None,
-            "params": sum(_numel(v["shape"]) for v in sel.values()) or None,
+            "params": sum(_numel(v["shape"], v["dtype"]) for v in sel.values()) or None,
             "required": name not in spec.get("optional", []),
         }
     rules = []

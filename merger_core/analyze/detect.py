@@ -230,7 +230,8 @@ def detect_header(header: SafetensorsHeader, read_probe: bool = True) -> Detecti
     params = 0
     for t in tensors.values():
         by_dtype[_label(t.dtype)] += t.nbytes
-        params += t.numel
+        if t.is_float:
+            params += t.numel
     det.params = params
     det.dtypes = dict(by_dtype)
     det.dtype_label = _dtype_label(det.dtypes)
@@ -363,8 +364,9 @@ def _components(det: Detection, fp: Fingerprint, prefix: str, tensors, lay) -> N
             continue
         ci = comps[owner]
         ci.tensors += 1
-        ci.params += t.numel
-        ci.bytes += t.nbytes
+        if t.is_float:
+            ci.params += t.numel
+            ci.bytes += t.nbytes
         lab = _label(t.dtype)
         ci.dtypes[lab] = ci.dtypes.get(lab, 0) + t.nbytes
     expected_params = 0
