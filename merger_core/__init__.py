@@ -23,3 +23,5 @@ from .engine import (  # noqa: E402
     prepare,
 )
 from .devices import available_devices, resolve_device  # noqa: E402
+from .scan import ScanResult, scan_folder  # noqa: E402  (``scan`` itself: merger_core.scan.scan; the name is the module)
+from .manifest import Manifest, ManifestEntry, load_manifest, manifest_from_scan, save_manifest  # noqa: E402
