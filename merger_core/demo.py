@@ -287,13 +287,9 @@ def run_demo(folder: str, dtype: str = "fp16", device: str = "cpu", progress=Non
     inputs_dir = os.path.join(folder, "inputs")
     paths = build_demo_inputs(inputs_dir)
     found = scan([os.path.join(inputs_dir, "demo-*.safetensors")])
-    manifest = manifest_from_scan(found)
-    by_name = {os.path.basename(n): w for (n, *_), w in zip(DEMO_MODELS, DEMO_WEIGHTS)}
-    for entry in manifest.entries:
-        entry.weight = by_name[os.path.basename(entry.path)]
-    manifest.dtype = dtype
-    manifest.device = device
-    manifest_path = os.path.join(found.default_manifest_dir, "manifest.json")
+    by_name = {name: w for (name, *_), w in zip(DEMO_MODELS, DEMO_WEIGHTS)}
+    manifest = manifest_from_scan(found, weights=by_name, dtype=dtype, device=device, title="demo-merge")
+    manifest_path = found.default_manifest_path
     save_manifest(manifest, manifest_path)
     loaded = load_manifest(manifest_path)
     plan = loaded.to_plan()
