@@ -100,7 +100,7 @@ ARCHS = {
     ),
     "sdxl_base": dict(
         layout="sdxl_base", name="SDXL base", family="sdxl", prediction="eps", kind="unet",
-        components={"text_encoder.clip_l": ["conditioner.embedders.0."], "text_encoder.clip_g": ["conditioner.embedders.1."], **VAE_LDM},
+        components={"text_encoder.clip_l": ["conditioner.embedders.0.transformer."], "text_encoder.clip_g": ["conditioner.embedders.1.model."], **VAE_LDM},
         sig=UNET_SIG, counts={"input_blocks.": 9, "output_blocks.": 9}, absent=[],
         variant={"key": "input_blocks.0.0.weight", "dim": 1, "values": {"4": "normal", "9": "inpaint", "8": "pix2pix"}},
         blocks=["BASE"] + [f"IN{i:02d}" for i in range(9)] + ["M00"] + [f"OUT{i:02d}" for i in range(9)] + ["VAE"],
@@ -109,7 +109,7 @@ ARCHS = {
     ),
     "sdxl_refiner": dict(
         layout="sdxl_refiner", name="SDXL refiner", family="sdxl_refiner", prediction="eps", kind="unet",
-        components={"text_encoder.clip_g": ["conditioner.embedders.0."], **VAE_LDM},
+        components={"text_encoder.clip_g": ["conditioner.embedders.0.model."], **VAE_LDM},
         sig=UNET_SIG, counts={"input_blocks.": 12, "output_blocks.": 12}, absent=[],
         variant={"key": "input_blocks.0.0.weight", "dim": 1, "values": {"4": "normal"}},
         blocks=["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)] + ["VAE"],
