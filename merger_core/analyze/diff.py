@@ -103,8 +103,8 @@ def tensor_sums(ta, tb, chunk: int = CHUNK) -> Distance:
         d.sq_a += float(torch.dot(a, a))
         d.sq_b += float(torch.dot(b, b))
         d.dot += float(torch.dot(a, b))
-        a.sub_(b)
-        d.sq_diff += float(torch.dot(a, a))
+        diff = a - b  # never in place: for fp32 inputs ``a`` is the caller's tensor, not a copy
+        d.sq_diff += float(torch.dot(diff, diff))
     return d
 
 
