@@ -12,6 +12,9 @@ Routes: ``GET /api/v1/model-versions/by-hash/{hash}`` (any of the file hashes, c
 /api/v1/model-versions/{id}``, ``GET /api/v1/models/{id}``, ``GET /api/download/models/{id}`` (redirects to
 ``/files/{name}``, on ``download_host`` when set) and ``GET /files/{name}`` (HTTP Range support).
 
+A version may carry ``"_match": [hashes]``: hashes it is served for although its ``files[]`` do not list them
+(CivitAI's archived versions answer with ``files: []``); the key is not sent.
+
 Every request is recorded in ``stub.requests`` as ``(method, path, headers dict)``. ``stub.script`` maps
 ``"METHOD path"`` to a list of scripted answers used first, one per request: an int status (empty JSON error body),
 ``"malformed"`` (200 with a body that is not JSON), ``("sleep", seconds)`` (answer late), or ``("cut", n)`` (a file
@@ -111,11 +114,14 @@ class CivitaiStub:
         return sum(1 for m, p, _ in self.requests if m == method and p.startswith(path_prefix))
 
     def _render(self, v: dict) -> dict:
+        v = {k: x for k, x in v.items() if k != "_match"}
         return json.loads(json.dumps(v).replace("__BASE__", f"http://127.0.0.1:{self.port}"))
 
     def _find(self, h: str) -> Optional[dict]:
         h = h.upper()
         for v in self.versions.values():
+            if h in [x.upper() for x in v.get("_match", ())]:  # answers for hashes not in files[] (archived)
+                return v
             for f in v.get("files") or []:
                 if h in [x.upper() for x in (f.get("hashes") or {}).values()]:
                     return v
