@@ -18,6 +18,7 @@ COMMANDS = [
     "scan",
     "merge",
     "demo",
+    "analyze", "diff", "lineage",
 ]
 
 
