@@ -1,0 +1,236 @@
+"""Weighted Merge, and the run-a-plan helper that every merging node shares (graph, disk or both)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from typing import List, Optional, Sequence
+
+from ..merger_core import engine
+from ..merger_core.devices import available_devices
+from ..merger_core.errors import ManifestError, MergeCancelled, ModelMergerError
+from . import _host as host
+from .manifest_nodes import check_manifest_paths
+
+OUTPUT_MODES = ["graph", "disk", "both"]
+DTYPES = ["fp16", "bf16", "fp32", "keep"]
+DEFAULT_PREFIX = "checkpoints/merged"
+
+
+def device_choices() -> List[str]:
+    try:
+        return available_devices()
+    except Exception:  # torch problems must not keep the node from loading
+        return ["cpu"]
+
+
+def default_device(choices: Sequence[str]) -> str:
+    for d in choices:
+        if d != "cpu":
+            return d
+    return choices[0]
+
+
+def common_inputs() -> dict:
+    """The device / dtype / output inputs every merging node has."""
+    devices = device_choices()
+    return {
+        "device": (devices, {
+            "default": default_device(devices),
+            "tooltip": "Where the arithmetic runs. The merge streams key by key, so a GPU needs only a few tensors "
+                       "of memory, never a whole model. cpu always works.",
+        }),
+        "dtype": (DTYPES, {
+            "default": "fp16",
+            "tooltip": "Data type of the merged weights: fp16 (usual, half the size of fp32), bf16, fp32, or keep "
+                       "(the first model's type per key). The arithmetic is always fp32.",
+        }),
+        "output_mode": (OUTPUT_MODES, {
+            "default": "graph",
+            "tooltip": "graph: load the merged model straight into this workflow (nothing written to disk). disk: "
+                       "stream it into a .safetensors file under the output folder (MODEL/CLIP/VAE are then not "
+                       "available). both: write the file, then load it into the workflow.",
+        }),
+        "filename_prefix": ("STRING", {
+            "default": DEFAULT_PREFIX,
+            "tooltip": "File name for disk/both, under ComfyUI's output folder; sub-folders allowed. The default "
+                       "'checkpoints/merged' saves into output/checkpoints, which the checkpoint loaders list. "
+                       "A prefix that leaves the output folder is refused.",
+        }),
+    }
+
+
+COMMON_RETURN_TYPES = ("MODEL", "CLIP", "VAE", "STRING")
+COMMON_RETURN_NAMES = ("MODEL", "CLIP", "VAE", "report")
+COMMON_OUTPUT_TOOLTIPS = (
+    "The merged diffusion model (graph and both modes).",
+    "The merged text encoder(s) (graph and both modes).",
+    "The merged VAE (graph and both modes).",
+    "What was merged: inputs and weights, architecture, saved file, output hash, time.",
+)
+
+
+def validate_prefix(filename_prefix=None, output_mode=None):
+    if filename_prefix is None or output_mode == "graph":
+        return True
+    problem = host.prefix_problem(filename_prefix)
+    return problem or True
+
+
+def run_plan(
+    plan: "engine.MergePlan",
+    *,
+    node_id,
+    output_mode: str,
+    filename_prefix: str,
+    title: str,
+    header_lines: Sequence[str] = (),
+    to_file=None,
+    to_state_dict=None,
+) -> tuple:
+    """Run a merge plan in the chosen mode, with ComfyUI progress, cancel and the done event.
+
+    ``to_file(output, progress, cancel)`` and ``to_state_dict(progress, cancel)`` default to the engine's
+    ``merge_to_file`` / ``merge_to_state_dict`` on ``plan`` (other nodes pass their own, e.g. a cross-merge).
+    Returns (MODEL, CLIP, VAE, report).
+    """
+    if output_mode not in OUTPUT_MODES:
+        raise ManifestError(f"output_mode {output_mode!r} is not one of {', '.join(OUTPUT_MODES)}")
+    t0 = time.monotonic()
+    progress = host.NodeProgress(node_id)
+    status, message, saved = "failed", "", None
+    try:
+        prep = engine.prepare(plan)  # headers and preflight only: errors here cost nothing
+        notes: List[str] = []
+        model = clip = vae = None
+        out_path = None
+        if output_mode in ("disk", "both"):
+            out_path = host.output_path(filename_prefix)
+            os.makedirs(os.path.dirname(out_path), exist_ok=True)
+        if output_mode == "graph":
+            room = host.make_room(2 * prep.output_bytes)
+            if room:
+                notes.append(room)
+            if to_state_dict is not None:
+                sd, result = to_state_dict(progress, progress.cancel)
+            else:
+                sd, result = engine.merge_to_state_dict(plan, progress=progress, cancel=progress.cancel, prepared=prep)
+            host.send_text(node_id, "loading the merged model into ComfyUI...")
+            model, clip, vae = host.load_state_dict(sd)
+            del sd
+        else:
+            if to_file is not None:
+                result = to_file(out_path, progress, progress.cancel)
+            else:
+                result = engine.merge_to_file(plan, out_path, progress=progress, cancel=progress.cancel, prepared=prep)
+            saved = out_path
+            if output_mode == "both":
+                room = host.make_room(2 * prep.output_bytes)
+                if room:
+                    notes.append(room)
+                host.send_text(node_id, "loading the saved file into ComfyUI...")
+                model, clip, vae = host.load_checkpoint(out_path)
+            else:
+                why = "Weighted Merge ran in disk mode: its MODEL/CLIP/VAE outputs are empty (use graph or both)"
+                model = host.blocked(why)
+                clip = host.blocked(why)
+                vae = host.blocked(why)
+        seconds = time.monotonic() - t0
+        report = format_report(plan, prep, result, title, header_lines, notes, saved, seconds)
+        status = "done"
+        message = report_summary(plan, saved, seconds)
+        host.send_text(node_id, f"done in {host.human_seconds(seconds)}" + (f": {host.rel_to_output(saved)}" if saved else ""))
+        return (model, clip, vae, report)
+    except host.interrupt_exception_types() + (MergeCancelled,) as exc:
+        status, message = "cancelled", "merge cancelled; no output was written"
+        host.send_text(node_id, message)
+        raise
+    except ModelMergerError as exc:
+        message = str(exc)
+        host.send_text(node_id, f"error: {message}")
+        raise
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        gc.collect()
+        host.send_event({
+            "status": status,
+            "ok": status == "done",
+            "title": title,
+            "message": message,
+            "seconds": round(time.monotonic() - t0, 3),
+            "node": None if node_id is None else str(node_id),
+            "output": host.rel_to_output(saved) if saved else None,
+        })
+
+
+def report_summary(plan, saved, seconds) -> str:
+    what = f"{len(plan.inputs)} models merged in {host.human_seconds(seconds)}"
+    return what + (f", saved {host.rel_to_output(saved)}" if saved else ", loaded into the graph")
+
+
+def format_report(plan, prep, result, title, header_lines, notes, saved, seconds) -> str:
+    names = [i.display_name() for i in plan.inputs]
+    weights = [float(i.weight) for i in plan.inputs]
+    total = sum(weights)
+    show_share = prep.method.uses_weights and plan.normalize and total > 0
+    lines = [title]
+    lines.extend(header_lines)
+    lines.append(f"method: {plan.method}" + (f" {prep.params}" if prep.params else "") + f", normalize: {'on' if plan.normalize else 'off'}")
+    lines.append("inputs:")
+    for n, w in zip(names, weights):
+        lines.append(f"  {w:g}" + (f" ({100 * w / total:.1f}%)" if show_share else "") + f"  {n}")
+    lines.append(f"architecture: {result.architecture}")
+    lines.append(f"output: {len(prep.jobs)} keys, {host.human_bytes(prep.output_bytes)}, dtype {plan.dtype}, device {plan.device}")
+    if saved:
+        lines.append(f"saved: {host.rel_to_output(saved)} (in ComfyUI's output folder)")
+    else:
+        lines.append("saved: no (merged into the graph only)")
+    if result.tensor_sha256:
+        lines.append(f"tensor-data SHA-256 (modelspec.hash_sha256, AutoV3 {result.tensor_sha256[:12]}): {result.tensor_sha256}")
+    rate = prep.output_bytes / seconds / 1e6 if seconds > 0 else 0
+    lines.append(f"time: {host.human_seconds(seconds)} ({rate:.0f} MB/s of output)")
+    for n in list(prep.notes) + list(notes):
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+class WeightedMerge:
+    DESCRIPTION = (
+        "Merge the checkpoints of a manifest by weighted sum, key by key with bounded memory. Output straight into "
+        "the graph (MODEL, CLIP, VAE), to a .safetensors file in the output folder, or both."
+    )
+    CATEGORY = host.CATEGORY
+    FUNCTION = "merge"
+    OUTPUT_NODE = True
+    RETURN_TYPES = COMMON_RETURN_TYPES
+    RETURN_NAMES = COMMON_RETURN_NAMES
+    OUTPUT_TOOLTIPS = COMMON_OUTPUT_TOOLTIPS
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        req = {"manifest": (host.MANIFEST_TYPE, {
+            "tooltip": "What to merge: from Scan Folder, Load Manifest or Add Model To Manifest. Its method, "
+                       "normalize and per-model weights are used; device and dtype come from this node.",
+        })}
+        req.update(common_inputs())
+        return {"required": req, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None, output_mode=None):
+        return validate_prefix(filename_prefix, output_mode)
+
+    def merge(self, manifest, device, dtype, output_mode, filename_prefix, unique_id=None):
+        if manifest is None:
+            raise ManifestError("no manifest connected")
+        check_manifest_paths(manifest)
+        plan = manifest.to_plan(device=device, dtype=dtype)
+        return run_plan(
+            plan,
+            node_id=unique_id,
+            output_mode=output_mode,
+            filename_prefix=filename_prefix,
+            title=f"Model Merger: weighted merge of {len(plan.inputs)} models",
+        )

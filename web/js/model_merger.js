@@ -1,0 +1,63 @@
+// Model Merger browser extension (thin): pack settings and a toast when a merge ends.
+// The logic lives in web_logic/toast.mjs (tested with node --test), served by the pack's own route.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const logicUrl = new URL("../../model_merger/web_logic/toast.mjs", import.meta.url);
+let logic = null;
+async function getLogic() {
+  if (!logic) logic = await import(logicUrl.href);
+  return logic;
+}
+
+function readSetting(id, fallback) {
+  try {
+    const v = app.extensionManager?.setting?.get?.(id) ?? app.ui?.settings?.getSettingValue?.(id);
+    return v === undefined || v === null ? fallback : v;
+  } catch {
+    return fallback;
+  }
+}
+
+function showToast(t) {
+  const toast = app.extensionManager?.toast;
+  if (toast?.add) toast.add(t);
+  else console.log(`[Model Merger] ${t.summary}: ${t.detail}`);
+}
+
+app.registerExtension({
+  name: "ModelMerger.Notify",
+  settings: [
+    {
+      id: "ModelMerger.Notify.Mode",
+      category: ["Model Merger", "Notifications", "Mode"],
+      name: "Show a notification when a merge ends",
+      type: "combo",
+      options: ["long runs only", "always", "off"],
+      defaultValue: "long runs only",
+      tooltip: "'long runs only' shows it for merges that took at least the number of seconds below.",
+    },
+    {
+      id: "ModelMerger.Notify.MinSeconds",
+      category: ["Model Merger", "Notifications", "MinSeconds"],
+      name: "Minimum merge duration for a notification (seconds)",
+      type: "number",
+      defaultValue: 30,
+      attrs: { min: 0, step: 1 },
+    },
+  ],
+  async setup() {
+    api.addEventListener("model_merger.done", async (e) => {
+      try {
+        const l = await getLogic();
+        const settings = {
+          mode: readSetting(l.SETTING_MODE, l.DEFAULTS.mode),
+          minSeconds: readSetting(l.SETTING_MIN_SECONDS, l.DEFAULTS.minSeconds),
+        };
+        if (l.shouldNotify(e.detail, settings)) showToast(l.toastFor(e.detail));
+      } catch (err) {
+        console.warn("[Model Merger] notification failed", err);
+      }
+    });
+  },
+});
