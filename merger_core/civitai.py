@@ -315,8 +315,13 @@ class CivitaiClient:
                             ) from None
             except asyncio.TimeoutError:
                 problem = f"CivitAI did not answer {what} within {self.timeout:g} s"
-            except aiohttp.ClientError as exc:
+            except aiohttp.ClientConnectorError as exc:
+                # nothing listens there (offline, wrong address): one more try, not the full back-off
                 problem = f"cannot reach CivitAI at {self.site} for {what}: {exc.__class__.__name__}: {exc}"
+                if attempt >= min(1, self.retry.max_retries):
+                    raise CivitaiError(self._clean(f"{problem} (gave up after {attempt + 1} tries)")) from None
+            except aiohttp.ClientError as exc:
+                problem = f"CivitAI connection failed for {what}: {exc.__class__.__name__}: {exc}"
             if attempt >= self.retry.max_retries:
                 raise CivitaiError(self._clean(f"{problem} (gave up after {attempt + 1} tries)"))
             wait = self.retry.delay(attempt, retry_after)

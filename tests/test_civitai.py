@@ -423,3 +423,30 @@ def test_download_by_url_with_name_from_server_and_errors(stub, tmp_path, db):
         download(77, tmp_path / "nope", base_url=stub.base_url, retry=FAST, cache=False)
     with pytest.raises(DownloadError, match="not a download address"):
         download("file:///etc/passwd", tmp_path, retry=FAST, cache=False)
+
+
+def test_cli_lookup(stub, tmp_path, monkeypatch, capsys):
+    import json as _json
+
+    from merger_core.cli import main
+
+    monkeypatch.setenv("MODEL_MERGER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(civitai.ENV_API_KEY, KEY)
+    a = helpers.write_model(tmp_path / "a.safetensors", seed=1)
+    sa = helpers.sha256_file(a)
+    stub.add_version(make_version(11, 21, sa, base_model="SD 1.5", model_name="Alpha"))
+    assert main(["lookup", "--base-url", stub.base_url, a, "6" * 64]) == 0
+    out, err = capsys.readouterr()
+    assert "Alpha" in out and "Base model: SD 1.5" in out and "Not on CivitAI" in out
+    assert KEY not in out + err
+    assert all(r[2].get("Authorization") == f"Bearer {KEY}" for r in stub.requests)
+    n = len(stub.requests)
+    assert main(["lookup", "--offline", "--json", a]) == 0
+    rows = _json.loads(capsys.readouterr().out)
+    assert rows[0]["civitai"]["model_name"] == "Alpha" and rows[0]["civitai"]["source"] == "cache"
+    assert len(stub.requests) == n
+    stub.script[f"GET /api/v1/model-versions/by-hash/{'7' * 64}"] = [400]
+    assert main(["lookup", "--base-url", stub.base_url, "7" * 64]) == 1
+    out, err = capsys.readouterr()
+    assert "Lookup failed" in out and "HTTP 400" in out and KEY not in out + err
+    assert main(["lookup", "not-a-hash"]) == 2

@@ -219,3 +219,27 @@ def test_file_hashes_has():
     h.autov3_checked = True
     assert h.has(["autov3"])
     assert not h.has(["blake3"])
+
+
+def test_cli_hash_prints_and_caches(tmp_path, monkeypatch, capsys):
+    import json as _json
+
+    from merger_core.cli import main
+
+    monkeypatch.setenv("MODEL_MERGER_HOME", str(tmp_path / "home"))
+    p = tmp_path / "hw.txt"
+    p.write_bytes(b"hello world")
+    m = helpers.write_model(tmp_path / "m.safetensors", seed=2)
+    assert main(["hash", "-a", "all", str(p), m]) == 0
+    out = capsys.readouterr().out
+    assert "B94D27B9934D3E08A52E52D7DA7DABFAC484EFE37A5380EE9088F7ACE2EFCDE9" in out
+    assert "0D4A1185 (little-endian 85114A0D)" in out
+    assert helpers.data_sha256(m).upper() in out
+    assert os.path.exists(tmp_path / "home" / "cache.sqlite3")
+    assert main(["hash", "--json", "-a", "autov2,autov3", str(p), m]) == 0
+    rows = _json.loads(capsys.readouterr().out)
+    assert rows[0]["autov2"] == "B94D27B993" and rows[0]["autov3"] is None
+    assert rows[1]["autov3_full"] == helpers.data_sha256(m).upper()
+    assert main(["hash", "-a", "md5", str(p)]) == 2
+    assert "md5" in capsys.readouterr().err
+    assert main(["hash", str(tmp_path / "none.bin")]) == 2

@@ -18,6 +18,7 @@ COMMANDS = [
     "scan",
     "merge",
     "demo",
+    "hash", "lookup",
     "analyze", "diff", "lineage",
 ]
 
