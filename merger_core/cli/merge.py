@@ -1,0 +1,92 @@
+"""``model-merger merge``: run the merge a manifest describes and write one safetensors file."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..errors import IncompatibleModelsError, ModelMergerError
+from ._progress import DEFAULT_NOTIFY_AFTER, ProgressBar, RunNotifier, human_bytes
+
+NAME = "merge"
+HELP = "merge the models listed in a manifest into one .safetensors file"
+DESCRIPTION = """\
+Merge the models listed in a manifest (see 'model-merger scan') into one .safetensors file.
+
+Before any weight is read, every input's header is checked: the models must have the same keys and shapes
+(--allow-missing merges a key over the models that have it). The output is written to a temporary file beside
+the target and renamed into place at the end; Ctrl-C or an error leaves nothing behind (exit status 130 for
+Ctrl-C). Options given here override the manifest's own settings."""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("manifest", help="the manifest file (JSON)")
+    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    p.add_argument("--device", default=None,
+                   help="where to compute: cpu, cuda, cuda:N, mps or auto (default: the manifest's, else cpu)")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32", "keep"], default=None,
+                   help="output dtype; keep = each tensor's dtype in the first model (default: the manifest's, else fp16)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="merge a key over the models that have it (weights renormalised per key) instead of stopping")
+    p.add_argument("--notify", action="store_true",
+                   help="desktop notification (or terminal bell) when a long run ends; needs model-merger[notify]")
+    p.add_argument("--notify-after", type=float, default=DEFAULT_NOTIFY_AFTER, metavar="SECONDS",
+                   help=f"only notify for runs at least this long (default: {DEFAULT_NOTIFY_AFTER:g})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from ..engine import merge_to_file, prepare
+    from ..manifest import load_manifest
+
+    out = sys.stdout
+    notifier = RunNotifier(args.notify, args.notify_after)
+    output = os.path.abspath(args.output)
+    if not output.lower().endswith(".safetensors"):
+        print(f"note: the output name {os.path.basename(output)} does not end in .safetensors", file=out)
+    try:
+        manifest = load_manifest(args.manifest)
+        overrides = {}
+        if args.device is not None:
+            overrides["device"] = args.device
+        if args.dtype is not None:
+            overrides["dtype"] = args.dtype
+        if args.allow_missing:
+            overrides["allow_missing"] = True
+        plan = manifest.to_plan(**overrides)
+        try:
+            prep = prepare(plan)
+        except IncompatibleModelsError as exc:
+            print("preflight: the models do not fit together (checked from the headers; no weight was read)",
+                  file=out)
+            raise exc
+        _describe(out, plan, prep, output)
+        with ProgressBar("merging", enabled=not args.no_progress) as bar:
+            result = merge_to_file(plan, output, overwrite=args.overwrite, progress=bar, prepared=prep)
+    except ModelMergerError as exc:
+        notifier.finish(False, f"{os.path.basename(output)}: {exc}")
+        raise
+    rate = result.output_bytes / result.seconds / 2**20 if result.seconds > 0 else 0.0
+    print(f"wrote {result.output} ({human_bytes(result.output_bytes)}, {result.keys} tensors) "
+          f"in {result.seconds:.1f} s ({rate:.0f} MiB/s)", file=out)
+    print(f"architecture: {result.architecture}; tensor data sha256: {result.tensor_sha256}", file=out)
+    notifier.finish(True, f"{os.path.basename(output)} written in {notifier.elapsed():.0f} s")
+    return 0
+
+
+def _describe(out, plan, prep, output: str) -> None:
+    names = [i.display_name() for i in plan.inputs]
+    weights = [float(i.weight) for i in plan.inputs]
+    total = sum(weights)
+    norm = plan.normalize and prep.method.uses_weights and total
+    print(f"merging {len(names)} models with {plan.method} into {output}", file=out)
+    for n, w in zip(names, weights):
+        shown = f"{w / total:.4g}" + (f" (weight {w:g})" if w != w / total else "") if norm else f"{w:g}"
+        print(f"  {shown:>18}  {n}", file=out)
+    from ..devices import resolve_device
+
+    print(f"{len(prep.jobs)} tensors, {human_bytes(prep.input_bytes)} in, {human_bytes(prep.output_bytes)} out; "
+          f"dtype {plan.dtype}, device {resolve_device(plan.device)}; architecture {prep.architecture}", file=out)
+    for note in prep.notes:
+        print(f"note: {note}", file=out)
