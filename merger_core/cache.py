@@ -479,3 +479,20 @@ def open_cache(db_path: Optional[str | os.PathLike] = None) -> HashCache:
         if cache is None:
             cache = _shared[path] = HashCache(path)
         return cache
+
+
+def remember_written_file(path: str | os.PathLike, tensor_sha256: str, cache: Optional[HashCache] = None) -> None:
+    """Record the AutoV3 (tensor-data SHA-256) of a file this program just wrote, as computed by
+    :class:`~merger_core.safetensors_io.StreamingWriter` (``writer.sha256``), so a later hash of the output does not
+    need to read it for AutoV3. Never raises: the cache is an optimisation."""
+    try:
+        from .hashing import normalize_sha256
+
+        value = normalize_sha256(tensor_sha256)
+        if value is None:
+            return
+        store = cache if cache is not None else open_cache()
+        ident = FileIdentity.of(path)
+        store.record(ident, FileHashes(size=ident.size, autov3=value, autov3_checked=True))
+    except Exception as exc:  # pragma: no cover - defensive
+        log.debug("could not record the hashes of %s: %s", path, exc)

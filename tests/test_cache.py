@@ -291,3 +291,18 @@ def test_open_cache_is_shared_per_path(tmp_path, monkeypatch):
     b = open_cache(userdirs.cache_db_path())
     assert a is b
     assert a.db_path.startswith(str(tmp_path / "home"))
+
+
+def test_writer_hash_recorded_for_outputs(db, tmp_path, count_hashing):
+    import helpers
+    from merger_core.cache import remember_written_file
+
+    p = helpers.write_model(tmp_path / "out.safetensors", seed=4)
+    remember_written_file(p, "0x" + helpers.data_sha256(p), cache=db)
+    h = db.hashes(p, ["autov3"])
+    assert h.autov3 == helpers.data_sha256(p)
+    assert count_hashing == []  # not read
+    remember_written_file(p, "not a hash", cache=db)  # ignored, no error
+    h2 = db.hashes(p, ["sha256", "autov3"])
+    assert count_hashing[-1][1] == ("sha256",)
+    assert h2.sha256 == helpers.sha256_file(p) and h2.autov3 == h.autov3
