@@ -19,6 +19,7 @@ COMMANDS = [
     "merge",
     "demo",
     "hash", "lookup",
+    "train_diff", "cross_merge", "bases",
     "analyze", "diff", "lineage",
 ]
 

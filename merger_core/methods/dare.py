@@ -11,7 +11,7 @@ identical bytes on every run, whatever the slice size or device.
 
 from . import MergeMethod, Param, register
 
-BLOCK = 1 << 16
+BLOCK = 1 << 14
 _M = (1 << 63) - 1
 
 
