@@ -253,7 +253,10 @@ def _schema_problems(data: Any) -> List[Problem]:
         where, parts = where_of(err.absolute_path)
         kind = err.validator
         inst = err.instance
-        sort_key = tuple((0, p) if isinstance(p, int) else (1, str(p)) for p in err.absolute_path)
+        apath = list(err.absolute_path)
+        entry_index = apath[1] if len(apath) >= 2 and apath[0] == "models" and isinstance(apath[1], int) else None
+        head = (1, entry_index) if entry_index is not None else (0, 0)
+        sort_key = (head,) + tuple((0, p) if isinstance(p, int) else (1, str(p)) for p in apath)
         if kind == "additionalProperties" and isinstance(inst, dict):
             allowed = list(err.schema.get("properties", {}))
             for key in inst:
@@ -418,7 +421,7 @@ def manifest_from_dict(
     """
     problems = _duplicate_key_problems(data) + _schema_problems(data)
     if problems:
-        raise ManifestValidationError(problems, source)
+        raise ManifestValidationError(sorted(problems, key=_problem_order), source)
     folder = os.path.abspath(os.fspath(base_dir)) if base_dir is not None else os.getcwd()
     entries = []
     for e in data["models"]:
