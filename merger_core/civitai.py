@@ -547,6 +547,8 @@ def lookup_files(
     hashing. ``cache=False`` uses no cache at all."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    elif hasattr(paths, "models") or hasattr(paths, "entries"):  # a Manifest
+        paths = [_entry_path(e, paths, None) for e in _manifest_entries(paths)]
     store = _open_cache(cache)
     hashed: List[Tuple[str, FileHashes]] = []
     for p in paths:
@@ -604,6 +606,8 @@ def lookup_report(
     **kwargs,
 ) -> Tuple[str, str, str]:
     """For the CivitAI Lookup node: ``(report, trained_words, base_model)``.
+
+    ``paths``: one path, a list of paths, or a :class:`~merger_core.manifest.Manifest` (its entries' files).
 
     ``trained_words`` joins the trained words of every file found (comma-separated, first seen first);
     ``base_model`` is CivitAI's base model, several joined by ``", "`` when the files disagree, empty when none

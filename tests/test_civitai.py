@@ -450,3 +450,13 @@ def test_cli_lookup(stub, tmp_path, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert "Lookup failed" in out and "HTTP 400" in out and KEY not in out + err
     assert main(["lookup", "not-a-hash"]) == 2
+
+
+def test_lookup_report_takes_a_manifest(stub, db, tmp_path):
+    from merger_core.manifest import manifest_from_scan
+
+    paths = [helpers.write_model(tmp_path / f"m{i}.safetensors", seed=i) for i in range(2)]
+    stub.add_version(make_version(1, 2, helpers.sha256_file(paths[1]), base_model="NoobAI", trained_words=["w"]))
+    report, words, base = lookup_report(manifest_from_scan(paths), cache=db, base_url=stub.base_url, retry=FAST)
+    assert "m0.safetensors" in report and "m1.safetensors" in report
+    assert (words, base) == ("w", "NoobAI")
