@@ -10,6 +10,7 @@ did both).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 import threading
 from typing import Optional, TextIO
@@ -40,6 +41,14 @@ def send_desktop_notification(title: str, message: str, timeout: float = SEND_TI
     if not desktop_notifier_installed():
         raise ModuleNotFoundError(f"desktop notifications need the optional package desktop-notifier ({INSTALL_HINT})")
     outcome: dict = {}
+    # desktop-notifier does not raise when the platform refuses (no D-Bus session, no notification centre): it
+    # logs "Notification failed" with a traceback and returns. Catch its log records instead of letting the
+    # traceback reach the console, and turn a failure into an exception.
+    catcher = _LogCatcher()
+    pkg_logger = logging.getLogger("desktop_notifier")
+    old_propagate = pkg_logger.propagate
+    pkg_logger.addHandler(catcher)
+    pkg_logger.propagate = False
 
     def target():
         try:
@@ -58,10 +67,35 @@ def send_desktop_notification(title: str, message: str, timeout: float = SEND_TI
     thread = threading.Thread(target=target, name="model-merger-notify", daemon=True)
     thread.start()
     thread.join(timeout + 1.0)
+    if not thread.is_alive():
+        pkg_logger.removeHandler(catcher)
+        pkg_logger.propagate = old_propagate
     if thread.is_alive():
         raise TimeoutError(f"the desktop notification service did not answer within {timeout:g} s")
     if "error" in outcome:
         raise outcome["error"]
+    failure = catcher.failure()
+    if failure is not None:
+        raise failure
+
+
+class _LogCatcher(logging.Handler):
+    """Collects the warnings desktop-notifier logs while sending."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def failure(self) -> Optional[BaseException]:
+        for r in self.records:
+            if r.exc_info and r.exc_info[1] is not None:
+                return r.exc_info[1]
+            if "fail" in r.getMessage().lower():
+                return RuntimeError(r.getMessage())
+        return None
 
 
 def _explain_once(stream: TextIO, text: str) -> None:

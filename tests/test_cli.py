@@ -335,6 +335,33 @@ def test_notify_done_falls_back_when_the_service_fails(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_notify_done_sees_failures_the_package_only_logs(monkeypatch, capsys):
+    """desktop-notifier 5/6 catch the platform's error, log "Notification failed" with the traceback and return
+    normally; that must count as a failure, and the traceback must not reach the console."""
+    import logging
+
+    def logs_failure(*a):
+        try:
+            raise OSError("DBUS_SESSION_BUS_ADDRESS not set")
+        except OSError:
+            logging.getLogger("desktop_notifier.backends.base").warning("Notification failed", exc_info=True)
+
+    _fake_desktop_notifier(monkeypatch, logs_failure)
+    assert notify.notify_done("Done", "x") == "bell"
+    err = capsys.readouterr().err
+    assert "DBUS_SESSION_BUS_ADDRESS not set" in err and "Traceback" not in err and err.endswith("\a")
+
+
+@pytest.mark.skipif(not notify.desktop_notifier_installed() or bool(os.environ.get("DBUS_SESSION_BUS_ADDRESS"))
+                    or bool(os.environ.get("DISPLAY")) or sys.platform != "linux",
+                    reason="needs the real desktop-notifier on a headless Linux machine")
+def test_real_desktop_notifier_on_a_headless_machine(capsys):
+    notify.reset_for_tests()
+    assert notify.notify_done("Model Merger test", "headless") == "bell"
+    err = capsys.readouterr().err
+    assert "desktop notification failed" in err and "Traceback" not in err
+
+
 def test_notify_done_never_raises_on_a_closed_stream(no_notifier):
     import io
 
