@@ -217,6 +217,11 @@ def hash_file(
         raise BadFileError(f"{path}: permission denied (cannot read the file)") from None
     with f:
         size = os.fstat(f.fileno()).st_size
+        if hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger kernel read-ahead
+            except OSError:
+                pass
         try:
             return _hash_stream(f, size, algorithms, progress, cancel, chunk_size, threads, blake3_threads)
         except OSError as exc:
