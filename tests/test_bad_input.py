@@ -327,9 +327,9 @@ def test_unwritable_output_folder(setup, tmp_path, not_root):
 
 
 def test_output_that_cannot_be_created_even_as_root(setup, tmp_path):
-    """The temporary file's name is longer than the file system allows (ENAMETOOLONG): a real open() failure
-    that happens as root too. The error must name the output."""
-    name = "m" * 240 + ".safetensors"
+    """A file name longer than the file system allows (ENAMETOOLONG, 255 bytes on common Linux file systems):
+    a real failure to create the file that happens as root too. The error must name the output."""
+    name = "m" * 260 + ".safetensors"
     out = tmp_path / "out" / name
     with pytest.raises(OutputError) as info:
         merge_to_file(helpers.plan_for(setup.paths), out)
