@@ -28,22 +28,18 @@ NODES = [
     ("ModelMergerWeightedMerge", WeightedMerge, "Weighted Merge (Model Merger)"),
 ]
 
-# Nodes over engine parts that other modules provide; a missing part leaves its node out with a log line.
-for _mod, _names in (
-    ("analyze_node", [("ModelMergerAnalyzeStructure", "AnalyzeStructure", "Analyze Structure (Model Merger)")]),
-    ("civitai_node", [("ModelMergerCivitaiLookup", "CivitaiLookup", "CivitAI Lookup (Model Merger)")]),
-    ("crossmerge_node", [
-        ("ModelMergerTrainDifference", "TrainDifference", "Train Difference (Model Merger)"),
-        ("ModelMergerCrossArchMerge", "CrossArchMerge", "Cross-Arch Merge (Model Merger)"),
-    ]),
-):
-    try:
-        _m = __import__(f"{__name__}.{_mod}", fromlist=["_"])
-    except ImportError as exc:
-        log.warning("Model Merger: %s nodes are not available: %s", _mod, exc)
-        continue
-    for _id, _cls, _display in _names:
-        NODES.append((_id, getattr(_m, _cls), _display))
+# Nodes over the analysis, CivitAI and difference-merge engine parts.
+from .analyze_node import AnalyzeStructure  # noqa: E402
+from .civitai_node import CivitaiLookup  # noqa: E402
+from .crossmerge_node import CrossArchMerge, TrainDifference, register_bases_kind  # noqa: E402
+
+register_bases_kind()
+NODES += [
+    ("ModelMergerAnalyzeStructure", AnalyzeStructure, "Analyze Structure (Model Merger)"),
+    ("ModelMergerCivitaiLookup", CivitaiLookup, "CivitAI Lookup (Model Merger)"),
+    ("ModelMergerTrainDifference", TrainDifference, "Train Difference (Model Merger)"),
+    ("ModelMergerCrossArchMerge", CrossArchMerge, "Cross-Arch Merge (Model Merger)"),
+]
 
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, cls, _ in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, _, name in NODES}

@@ -277,6 +277,19 @@ class NodeProgress:
         return check_interrupt()
 
 
+class KeyProgress(NodeProgress):
+    """For engine parts that report ``progress(done, total, key)`` (the model diff)."""
+
+    def __call__(self, done, total, key=None):
+        if self.bar is None:
+            self.bar = self._make_bar(total)
+        now = time.monotonic()
+        if done >= total or now - self._last_text >= self.text_every:
+            self._last_text = now
+            send_text(self.node_id, f"{self.label}: key {done}/{total}")
+        self.bar.update_absolute(done, total)
+
+
 # -------------------------------------------------------------------------------------------------------------------
 # Memory and model loading
 

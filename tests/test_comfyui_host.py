@@ -1,0 +1,221 @@
+"""The pack inside a real ComfyUI (headless, CPU), on full-size SD1.5-layout checkpoints.
+
+Runs only with ``COMFYUI_DIR`` set (and ``COMFYUI_PYTHON`` for ComfyUI's own Python); skipped otherwise.
+The checkpoints (4 x 2.1 GB, seeded random fp16) are written once to ``MODEL_MERGER_BENCH_DATA``
+(default /work/bench-data/comfy) by ``comfy_fixtures.py`` and linked into a private ComfyUI base folder.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+
+import pytest
+
+import comfy_fixtures
+import comfy_server as cs
+
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.slow,
+    pytest.mark.skipif(cs.comfyui_dir() is None, reason="COMFYUI_DIR is not set to a ComfyUI checkout"),
+]
+
+NAMES = ["model_a.safetensors", "model_b.safetensors", "model_c.safetensors", "model_d.safetensors"]
+SMALL_RENDER = {"6.width": 64, "6.height": 64, "7.steps": 1}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    files = comfy_fixtures.ensure_checkpoints(count=4)
+    links = {n: f for n, f in zip(NAMES, files)}
+    links.update({f"to_merge/{n}": f for n, f in zip(NAMES, files)})
+    base = cs.make_base(str(tmp_path_factory.mktemp("comfy_base")), links)
+    srv = cs.ComfyServer(base).start()
+    yield srv
+    srv.stop()
+
+
+def out_dir(server, *parts):
+    return os.path.join(server.base, "output", *parts)
+
+
+def test_pack_imports_and_lists_every_node(server):
+    import comfy_stub
+
+    log = server.log()
+    assert "IMPORT FAILED" not in log, log[-3000:]
+    assert os.path.join("custom_nodes", cs.PACK_DIR_NAME) in log  # listed among the imported packs
+    host, pack = comfy_stub.install(os.path.join(server.base, "stub"))
+    try:
+        expected = set(pack.NODE_CLASS_MAPPINGS)
+    finally:
+        comfy_stub.uninstall()
+    info = server.object_info()
+    missing = expected - set(info)
+    assert not missing, f"not in /object_info: {missing}"
+    for node_id in expected:
+        assert info[node_id]["category"] == "model_merger"
+    # the browser extension and its logic module are served
+    import urllib.request
+
+    with urllib.request.urlopen(f"{server.url}/extensions/{cs.PACK_DIR_NAME}/model_merger.js") as r:
+        assert r.status == 200 and b"model_merger.done" in r.read()
+
+    with urllib.request.urlopen(server.url + "/model_merger/web_logic/toast.mjs") as r:
+        assert r.status == 200 and "javascript" in r.headers.get("Content-Type", "")
+        assert b"export function shouldNotify" in r.read()
+
+
+def test_example_workflows_use_only_existing_nodes(server):
+    info = server.object_info()
+    folder = os.path.join(cs.PACK_ROOT, "example_workflows")
+    api_files = sorted(glob.glob(os.path.join(folder, "api", "*.json")))
+    ui_files = sorted(glob.glob(os.path.join(folder, "*.json")))
+    assert len(api_files) >= 3 and [os.path.basename(p) for p in api_files] == [os.path.basename(p) for p in ui_files]
+    for p in api_files:
+        with open(p) as f:
+            for node in json.load(f).values():
+                assert node["class_type"] in info, (p, node["class_type"])
+    for p in ui_files:
+        with open(p) as f:
+            for node in json.load(f)["nodes"]:
+                assert node["type"] in info or node["type"] == "Note", (p, node["type"])
+    status, templates = server.request("/workflow_templates")
+    assert status == 200 and sorted(templates.get(cs.PACK_DIR_NAME, [])) == sorted(
+        os.path.splitext(os.path.basename(p))[0] for p in ui_files
+    )
+
+
+def test_merge_to_graph_then_ksampler_writes_an_image(server):
+    wf = cs.load_api("merge_to_graph_and_preview.json", **SMALL_RENDER)
+    entry = server.run(wf)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    images = entry["outputs"]["9"]["images"]
+    path = out_dir(server, images[0]["subfolder"], images[0]["filename"])
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    report = entry["outputs"]["10"]["text"][0]
+    assert "model_a.safetensors" in report and "merged into the graph only" in report
+
+
+def test_scan_merge_to_disk_loads_back_through_checkpoint_loader(server):
+    wf = cs.load_api("scan_and_merge_to_disk.json", **{"2.filename_prefix": "checkpoints/scanned"})
+    entry = server.run(wf)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    out = out_dir(server, "checkpoints", "scanned_00001_.safetensors")
+    assert os.path.exists(out)
+    assert "4 model(s)" in entry["outputs"]["3"]["text"][0]
+    # output/checkpoints is a checkpoint folder: the loaders list the new file and it renders
+    names = server.object_info()["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert "scanned_00001_.safetensors" in names
+    wf = cs.load_api("merge_to_graph_and_preview.json", **SMALL_RENDER)
+    for k in ("1", "2", "3", "10"):
+        del wf[k]
+    wf["20"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "scanned_00001_.safetensors"}}
+    wf["4"]["inputs"]["clip"] = wf["5"]["inputs"]["clip"] = ["20", 1]
+    wf["7"]["inputs"]["model"] = ["20", 0]
+    wf["8"]["inputs"]["vae"] = ["20", 2]
+    entry = server.run(wf)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert entry["outputs"]["9"]["images"]
+
+
+def test_manifest_built_in_graph_is_saved_and_merged(server):
+    entry = server.run(cs.load_api("build_manifest_and_merge.json"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = os.path.join(server.base, "models", "model_merger", "my_merge.json")
+    with open(saved) as f:
+        manifest = json.load(f)
+    assert [m["weight"] for m in manifest["models"]] == [0.5, 0.3, 0.2]
+    assert os.path.exists(out_dir(server, "checkpoints", "my_merge_00001_.safetensors"))
+    report = entry["outputs"]["6"]["text"][0]
+    assert "50.0%" in report and "30.0%" in report and "20.0%" in report
+    # Load Manifest now offers it
+    choices = server.object_info()["ModelMergerLoadManifest"]["input"]["required"]["manifest_file"][0]
+    assert "my_merge.json" in choices
+
+
+def test_interrupt_during_merge_leaves_nothing_and_next_merge_works(server):
+    wf = cs.load_api("scan_and_merge_to_disk.json", **{"2.filename_prefix": "checkpoints/interrupted"})
+    status, answer = server.queue(wf)
+    assert status == 200, answer
+    folder = out_dir(server, "checkpoints")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # wait until the writer's temporary file exists: the merge is under way
+        if glob.glob(os.path.join(folder, ".interrupted_*.partial")):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the merge never started writing")
+    time.sleep(1.0)
+    server.interrupt()
+    entry = server.wait(answer["prompt_id"])
+    assert cs.messages(entry, "execution_interrupted"), entry["status"]
+    left = [f for f in os.listdir(folder) if "interrupted" in f]
+    assert left == [], left
+    entry = server.run(wf)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert [f for f in os.listdir(folder) if "interrupted" in f] == ["interrupted_00001_.safetensors"]
+
+
+def test_bad_manifest_is_a_node_error_naming_the_problem(server):
+    bad = {"version": 1, "models": [{"path": NAMES[0], "weight": -1}, {"path": NAMES[1]}]}
+    wf = {
+        "1": {"class_type": "ModelMergerLoadManifest",
+              "inputs": {"manifest_file": "(use pasted JSON)", "manifest_json": json.dumps(bad)}},
+        "2": {"class_type": "ModelMergerWeightedMerge",
+              "inputs": {"manifest": ["1", 0], "device": "cpu", "dtype": "fp16", "output_mode": "disk",
+                         "filename_prefix": "checkpoints/bad"}},
+    }
+    entry = server.run(wf)
+    errors = cs.messages(entry, "execution_error")
+    assert errors and errors[0]["node_id"] == "1", entry["status"]
+    msg = errors[0]["exception_message"]
+    assert "models[0]" in msg and "weight" in msg, msg
+    assert not glob.glob(out_dir(server, "checkpoints", "bad*"))
+
+
+def test_mismatched_models_are_a_node_error_naming_the_file(server):
+    import helpers
+
+    helpers.write_model(os.path.join(server.base, "models", "checkpoints", "tiny.safetensors"), seed=3)
+    wf = cs.load_api("build_manifest_and_merge.json", **{"3.ckpt_name": "tiny.safetensors"})
+    entry = server.run(wf)
+    errors = cs.messages(entry, "execution_error")
+    assert errors and errors[0]["node_type"] in ("ModelMergerWeightedMerge", "ModelMergerSaveManifest"), entry["status"]
+    merge_errors = [e for e in errors if e["node_type"] == "ModelMergerWeightedMerge"]
+    assert merge_errors and "tiny.safetensors" in merge_errors[0]["exception_message"], errors
+
+
+def test_run_headless_script(server, tmp_path):
+    import subprocess
+    import sys
+
+    script = os.path.join(cs.SCRIPTS, "run_headless.py")
+    api = os.path.join(cs.PACK_ROOT, "example_workflows", "api", "scan_and_merge_to_disk.json")
+    r = subprocess.run([sys.executable, script, api, "--server", server.url, "--set", "2.filename_prefix=checkpoints/headless"],
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "merging: key" in r.stdout and "MB/s" in r.stdout  # the node's progress text, live from /ws
+    assert "model_merger.done: done" in r.stdout and r.stdout.rstrip().endswith("done")
+    r = subprocess.run([sys.executable, script, api, "--server", server.url, "--set", "2.filename_prefix=../x"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "outside ComfyUI's output folder" in r.stderr, r.stdout + r.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"1": {"class_type": "ModelMergerLoadManifest", "inputs": {
+        "manifest_file": "(use pasted JSON)", "manifest_json": "{not json"}}, "2": {
+        "class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}))
+    r = subprocess.run([sys.executable, script, str(bad), "--server", server.url, "--poll"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "not valid JSON" in r.stderr, r.stdout + r.stderr
+
+
+def test_prefix_escaping_output_is_refused_before_running(server):
+    wf = cs.load_api("scan_and_merge_to_disk.json", **{"2.filename_prefix": "../../escape"})
+    status, answer = server.queue(wf)
+    assert status == 400, answer
+    errs = answer["node_errors"]["2"]["errors"]
+    assert any("outside ComfyUI's output folder" in (e.get("details", "") + e.get("message", "")) for e in errs), errs
