@@ -460,3 +460,35 @@ def test_lookup_report_takes_a_manifest(stub, db, tmp_path):
     report, words, base = lookup_report(manifest_from_scan(paths), cache=db, base_url=stub.base_url, retry=FAST)
     assert "m0.safetensors" in report and "m1.safetensors" in report
     assert (words, base) == ("w", "NoobAI")
+
+
+def test_cli_scan_civitai_records_hashes_and_warns(stub, tmp_path, monkeypatch, capsys):
+    import json as _json
+
+    from merger_core.cli import main
+
+    monkeypatch.setenv("MODEL_MERGER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(civitai.ENV_BASE_URL, stub.base_url)
+    monkeypatch.setenv(civitai.ENV_API_KEY, KEY)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    a = helpers.write_model(folder / "a.safetensors", seed=1)
+    b = helpers.write_model(folder / "b.safetensors", seed=2)
+    stub.add_version(make_version(1, 10, helpers.sha256_file(a), base_model="SD 1.5", model_name="Alpha"))
+    stub.add_version(make_version(2, 20, helpers.sha256_file(b), base_model="Illustrious"))
+    target = tmp_path / "m.json"
+    assert main(["scan", str(folder), "-o", str(target), "--civitai"]) == 0
+    out = capsys.readouterr().out
+    assert "CivitAI: 2 of 2 model(s) found" in out
+    assert "warning: b.safetensors" in out and "Illustrious" in out
+    doc = _json.loads(target.read_text())
+    assert [m["sha256"] for m in doc["models"]] == [helpers.sha256_file(a), helpers.sha256_file(b)]
+    assert doc["models"][0]["civitai"]["model_name"] == "Alpha"
+    assert KEY not in target.read_text()
+    assert stub.count("POST", "/api/v1/model-versions/by-hash") == 1
+    # offline, from the cache; the manifest loads back
+    assert main(["scan", str(folder), "-o", str(target), "--civitai", "--offline", "--overwrite"]) == 0
+    assert stub.count("POST", "/api/v1/model-versions/by-hash") == 1
+    from merger_core.manifest import load_manifest
+
+    assert load_manifest(str(target)).models[1].civitai["base_model"] == "Illustrious"

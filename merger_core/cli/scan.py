@@ -39,6 +39,11 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default=None, help="device written into the manifest (default: cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing manifest file")
     p.add_argument("-n", "--dry-run", action="store_true", help="list what was found; write nothing")
+    p.add_argument("--civitai", action="store_true",
+                   help="hash every match (cached) and record its sha256 and what CivitAI says about it in the "
+                        "manifest; warns where CivitAI's base model and the file's structure disagree "
+                        "(API key, if any, from CIVITAI_API_KEY; see docs/civitai.md)")
+    p.add_argument("--offline", action="store_true", help="with --civitai: answer from the local cache only")
 
 
 def parse_weights(tokens: Optional[List[str]]) -> Union[None, List[float], Dict[str, float]]:
@@ -86,6 +91,15 @@ def run(args) -> int:
             print(f"  {path}: {reason}", file=out)
     fields = {k: v for k, v in (("method", args.method), ("dtype", args.dtype), ("device", args.device)) if v is not None}
     manifest = manifest_from_scan(result, weights=parse_weights(args.weights), **fields)
+    if getattr(args, "civitai", False) and manifest.models:
+        from ..civitai import enrich_manifest
+
+        print(f"hashing {len(manifest.models)} model(s) (cached) and looking them up on CivitAI"
+              + (" (offline: local cache only)" if args.offline else ""), file=sys.stderr)
+        for warning in enrich_manifest(manifest, offline=args.offline):
+            print(f"warning: {warning}", file=out)
+        found = sum(1 for e in manifest.models if (e.civitai or {}).get("status") == "found")
+        print(f"CivitAI: {found} of {len(manifest.models)} model(s) found", file=out)
     if len(result.matches) < 2:
         print("note: a merge needs at least 2 models; add more before running 'model-merger merge'", file=out)
     if args.dry_run:
