@@ -133,8 +133,10 @@ def test_scan_then_merge_matches_reference(capsys, tmp_path, models):
 def test_merge_dtype_override_and_no_progress(capsys, tmp_path, models):
     manifest, _ = scan_manifest(capsys, tmp_path)
     out_file = tmp_path / "merged.safetensors"
-    rc, out, err = run_cli(capsys, "merge", manifest, "-o", out_file, "--dtype", "fp32", "--no-progress")
+    rc, out, err = run_cli(capsys, "merge", manifest, "-o", out_file, "--dtype", "fp32", "--no-progress",
+                           "--device", "auto")
     assert rc == 0, err
+    assert "dtype fp32, device " in out
     assert "keys 1131" not in err and err == ""
     h, _ = helpers.raw_header(out_file)
     assert h[helpers.KEY_CONV_IN]["dtype"] == "F32"
