@@ -661,17 +661,34 @@ def structure_family(architecture: Optional[str]) -> Optional[str]:
 
 
 def detect_architecture(path: str, cache=None) -> str:
-    """The file's structure (a ModelSpec architecture string), cached as fact ``archprobe``."""
+    """The file's structure: :func:`merger_core.analyze.detect.detect`'s architecture id when it recognises the
+    file, else :func:`merger_core.archprobe.probe_architecture`'s ModelSpec string (``"unknown"`` if neither does).
+    Cached as fact ``civitai.structure``."""
     if cache is not None:
-        got = cache.get_fact(path, "archprobe")
+        got = cache.get_fact(path, "civitai.structure")
         if isinstance(got, str):
             return got
-    from .archprobe import probe_architecture
     from .safetensors_io import read_header
 
-    arch = probe_architecture(read_header(path).tensors)
+    header = read_header(path)
+    arch = "unknown"
+    try:
+        from .analyze.detect import detect_header
+    except ImportError:  # pragma: no cover - analyze is part of the package
+        detect_header = None
+    if detect_header is not None:
+        try:
+            det = detect_header(header)
+            if det.known:
+                arch = det.arch_id
+        except ModelMergerError:
+            pass
+    if arch == "unknown":
+        from .archprobe import probe_architecture
+
+        arch = probe_architecture(header.tensors)
     if cache is not None:
-        cache.put_fact(path, "archprobe", arch)
+        cache.put_fact(path, "civitai.structure", arch)
     return arch
 
 

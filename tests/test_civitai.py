@@ -320,9 +320,9 @@ def test_enrich_manifest_records_and_warns(stub, db, tmp_path):
     assert m.models[3].civitai == {"status": "not_found", "message": "not on CivitAI"}
     assert len(warnings) == 1, warnings
     assert "labelled_sdxl.safetensors" in warnings[0] and "SDXL 1.0" in warnings[0]
-    assert "stable-diffusion-v1" in warnings[0]
+    assert "(sd1)" in warnings[0]
     assert stub.count("POST", "/api/v1/model-versions/by-hash") == 1
-    assert db.get_fact(pony, "archprobe") == "stable-diffusion-xl-v1-base"
+    assert db.get_fact(pony, "civitai.structure") == "stable-diffusion-xl-v1-base"  # cached
     # dict entries work too; a second run is served from the cache
     entries = [{"path": sd15}, {"path": pony}]
     assert enrich_manifest(entries, cache=db, base_url=stub.base_url, offline=True) == []
@@ -492,3 +492,14 @@ def test_cli_scan_civitai_records_hashes_and_warns(stub, tmp_path, monkeypatch, 
     from merger_core.manifest import load_manifest
 
     assert load_manifest(str(target)).models[1].civitai["base_model"] == "Illustrious"
+
+
+def test_enrich_manifest_uses_full_detection(stub, db, tmp_path):
+    from merger_core.civitai import detect_architecture
+    from merger_core.demo import sd15_full_layout
+
+    p = helpers.write_sparse_checkpoint(tmp_path / "full15.safetensors", sd15_full_layout())
+    assert detect_architecture(p) == "sd1"  # merger_core.analyze recognises the full layout
+    stub.add_version(make_version(1, 2, helpers.sha256_file(p), base_model="Pony"))
+    warnings = enrich_manifest([{"path": p}], cache=db, base_url=stub.base_url, retry=FAST)
+    assert len(warnings) == 1 and "'Pony' (sdxl)" in warnings[0] and "sd1 (sd1)" in warnings[0]
