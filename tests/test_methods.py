@@ -376,3 +376,23 @@ def test_fp16_file_equals_state_dict_and_inputs_untouched(tmp_path, method, para
     for k in SHAPES:
         assert torch.equal(got[k], sd[k])
     assert helpers.hashes(paths) == before
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "tail", "constant"])
+def test_kth_largest_streamed_exact(kind):
+    g = torch.Generator().manual_seed(3)
+    n = 500_000
+    if kind == "normal":
+        a = torch.randn(n, generator=g).abs()
+    elif kind == "ties":
+        a = torch.randint(0, 5, (n,), generator=g).float()
+    elif kind == "constant":
+        a = torch.full((n,), 0.5)
+    else:  # large values only where the strided sample never looks
+        a = torch.zeros(n)
+        a[3::1009] = torch.rand(a[3::1009].shape, generator=g) + 1
+    s = torch.sort(a, descending=True).values
+    step = max(1, n // 4096)
+    for count in (1, 50, n // 100, n // 2, n - 3):
+        got = _common.kth_largest_streamed(lambda b, e: a[b:e].clone(), n, count, a[::step].clone())
+        assert got.item() == s[count - 1].item(), count

@@ -11,7 +11,9 @@ differences that agree with it (non-zero, same sign) are averaged with weights `
 import math
 
 from . import MergeMethod, Param, register
-from ._common import f32, flat, kth_largest, slices
+from ._common import f32, flat, kth_largest_streamed, slices
+
+SAMPLE = 1 << 16  # elements sampled (strided) to bracket each threshold
 
 
 def ties_merge(tensors, weights, density: float, scale: float):
@@ -22,37 +24,47 @@ def ties_merge(tensors, weights, density: float, scale: float):
     models = [flat(t) for t in tensors[1:]]
     ws = [float(w) for w in weights[1:]]
     n = base.numel()
-    buf = torch.empty(n, dtype=torch.float32, device=base.device)
     count = min(n, math.ceil(density * n - 1e-9))
     thresholds = []
-    for m in models:  # pass 1: each model's magnitude threshold over the whole key
-        if count <= 0:
-            thresholds.append(None)
-            continue
-        for s, e in slices(n):
-            torch.sub(f32(m[s:e]), f32(base[s:e]), out=buf[s:e]).abs_()
-        thresholds.append(kth_largest(buf, count))
-    out = buf
+    for m in models:  # pass 1: each model's magnitude threshold over the whole key, streamed
+        def absdiff(s, e, m=m):
+            return torch.sub(m[s:e], f32(base[s:e])).abs_()
+
+        step = max(1, n // SAMPLE)
+        sample = torch.sub(m[::step], f32(base[::step])).abs_()
+        thresholds.append(None if count >= n else kth_largest_streamed(absdiff, n, count, sample))
+    keep_all = count >= n
+    signed_weights = any(w <= 0 for w in ws)
+    # below the threshold -> 0, as one fused op: hardshrink zeroes |x| <= lambd, and |x| > nextafter(t, 0) <=> |x| >= t
+    lambdas = [
+        -1.0 if keep_all else None if t is None else float(torch.nextafter(t.reshape(()).float(), torch.zeros((), device=t.device)))
+        for t in thresholds
+    ]
+    out = torch.empty(n, dtype=torch.float32, device=base.device)
     for s, e in slices(n):  # pass 2: trim, elect, disjoint mean, slice by slice
         b = f32(base[s:e])
         trimmed = []
         vote = torch.zeros_like(b)
-        for m, t, w in zip(models, thresholds, ws):
-            d = f32(m[s:e]) - b
-            if t is None:
-                d.zero_()
-            else:
-                d.masked_fill_(d.abs() < t, 0.0)
+        for m, lam, w in zip(models, lambdas, ws):
+            if lam is None:
+                trimmed.append(None)
+                continue
+            d = torch.sub(m[s:e], b)
+            if lam >= 0:
+                d = torch.nn.functional.hardshrink(d, lam)
             trimmed.append(d)
             vote.add_(d, alpha=w)
-        elected = torch.sign(vote)
         num = torch.zeros_like(b)
         den = torch.zeros_like(b)
         for d, w in zip(trimmed, ws):
-            agree = (torch.sign(d) == elected) & (d != 0)
-            num.add_(torch.where(agree, d, 0.0), alpha=w)
-            den.add_(agree.to(torch.float32), alpha=w)
-        merged = torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
+            if d is None:
+                continue
+            agree = torch.mul(d, vote).gt_(0).to(torch.float32)  # same sign as the vote, both non-zero
+            num.addcmul_(d, agree, value=w)
+            den.add_(agree, alpha=w)
+        merged = num.div_(torch.where(den != 0, den, 1.0))
+        if signed_weights:  # with weights <= 0 a zero denominator can meet a non-zero numerator
+            merged.masked_fill_(den == 0, 0.0)
         torch.add(b, merged, alpha=scale, out=out[s:e])
     return out
 
