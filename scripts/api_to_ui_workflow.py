@@ -28,6 +28,12 @@ NOTES = {
         "model to KSampler without writing a file.\n3. Happy with it? Set output_mode to 'disk' or 'both' to save "
         "it under output/checkpoints."
     ),
+    "cross_merge_to_graph_and_preview.json": (
+        "Cross-lineage merge: base + scale * combine(model - base) for each model, then render to check it.\n\n"
+        "Pick the common base (or leave '(automatic)' and put base models in models/merge_bases: the node picks "
+        "the one the models descend from and says why). Text encoder and VAE: by difference, from the base, or "
+        "from one model (model:1 = the first Add Model)."
+    ),
     "scan_and_merge_to_disk.json": (
         "Merge every checkpoint in a folder, with equal weights, to a file.\n\n"
         "Put the models to merge into models/checkpoints/to_merge (or change 'folder' and 'pattern'). "

@@ -219,3 +219,14 @@ def test_prefix_escaping_output_is_refused_before_running(server):
     assert status == 400, answer
     errs = answer["node_errors"]["2"]["errors"]
     assert any("outside ComfyUI's output folder" in (e.get("details", "") + e.get("message", "")) for e in errs), errs
+
+
+def test_cross_merge_to_graph_then_ksampler_writes_an_image(server):
+    wf = cs.load_api("cross_merge_to_graph_and_preview.json", **SMALL_RENDER)
+    entry = server.run(wf)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    images = entry["outputs"]["9"]["images"]
+    with open(out_dir(server, images[0]["subfolder"], images[0]["filename"]), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    report = entry["outputs"]["10"]["text"][0]
+    assert "base: model_a.safetensors (given)" in report and "ties" in report
