@@ -396,3 +396,76 @@ def test_kth_largest_streamed_exact(kind):
     for count in (1, 50, n // 100, n // 2, n - 3):
         got = _common.kth_largest_streamed(lambda b, e: a[b:e].clone(), n, count, a[::step].clone())
         assert got.item() == s[count - 1].item(), count
+
+
+# ------------------------------------------------------------------------------------------------- block weights
+
+from merger_core import blockweights as bw  # noqa: E402
+
+
+def test_block_list_forms_and_counts():
+    names = bw._blocks("sdxl_base")
+    assert len(names) == 21 and len(bw._blocks("sd1")) == 26
+    vals = bw.parse_blocks(",".join(str(i / 20) for i in range(21)), "sdxl_base")
+    assert vals["BASE"] == 0.0 and vals["M00"] == 0.5 and vals["VAE"] == 1.0
+    assert bw.parse_blocks([0.1] * 26, "sd1")["OUT11"] == 0.1
+    with pytest.raises(ManifestError, match="take 26 values"):
+        bw.parse_blocks("0.1,0.2", "sd1")
+    with pytest.raises(ManifestError, match="not a number"):
+        bw.parse_blocks("BASE=x", "sd1")
+
+
+def test_block_pairs_groups_ranges_and_star():
+    v = bw.parse_blocks("*=0.5, OUT=1, IN00-IN02=0.1, IN01=0.9, BASE=0", "sdxl_base")
+    assert v["IN00"] == 0.1 and v["IN01"] == 0.9 and v["IN03"] == 0.5 and v["OUT05"] == 1 and v["BASE"] == 0
+    assert v["VAE"] == 0.5 and v["M00"] == 0.5
+    partial = bw.parse_blocks({"M00": 2.0}, "sd1")
+    assert partial == {"M00": 2.0}
+    with pytest.raises(ManifestError, match="names no block"):
+        bw.parse_blocks("IN12=1", "sdxl_base")
+
+
+def test_block_presets():
+    v = bw.parse_blocks("GRAD_V", "sd1")
+    assert v["IN00"] == 0.0 and v["OUT11"] == 1.0 and v["BASE"] == 0.0 and 0 < v["M00"] < 1
+    v = bw.parse_blocks("in_only", "sdxl_base")
+    assert all(v[b] == (1.0 if b.startswith("IN") else 0.0) for b in v)
+    assert "GRAD_V" in bw.presets()
+    with pytest.raises(ManifestError, match="presets: "):
+        bw.parse_blocks("NO_SUCH", "sd1")
+
+
+def test_key_hook_maps_keys_to_blocks_and_checks_ranges():
+    hook = bw.key_params_hook("sd1", {"alpha": "*=0.3,IN04=0.7,BASE=0.1"}, get_method("add_difference"))
+    assert hook("model.diffusion_model.input_blocks.4.1.proj_in.weight") == {"alpha": 0.7}
+    assert hook("model.diffusion_model.output_blocks.11.0.skip_connection.bias") == {"alpha": 0.3}
+    assert hook("cond_stage_model.transformer.text_model.final_layer_norm.weight") == {"alpha": 0.1}
+    assert hook("first_stage_model.decoder.conv_out.bias") == {"alpha": 0.1}  # SD1 counts the VAE as BASE
+    assert hook("v_pred") == {}
+    with pytest.raises(ManifestError, match=r"alpha for M00 must be in"):
+        bw.key_params_hook("sd1", {"alpha": "M00=9"}, get_method("add_difference"))
+    with pytest.raises(ManifestError, match="no parameter"):
+        bw.key_params_hook("sd1", {"beta": "GRAD_V"}, get_method("add_difference"))
+    scalar, h = bw.split_block_params({"alpha": "IN_ONLY"}, get_method("train_difference"), "sd1")
+    assert scalar == {"alpha": 1.0} and h("model.diffusion_model.middle_block.0.in_layers.0.bias") == {"alpha": 0.0}
+
+
+def test_block_weights_through_the_engine(tmp_path):
+    paths, (a, b, c) = family(tmp_path, 2, seed=13)
+    hook = bw.key_params_hook("sd1", {"alpha": "IN_ONLY"}, get_method("add_difference"))
+    plan = MergePlan([MergeInput(p) for p in paths], method="add_difference", params={"alpha": 0.5}, dtype="fp32",
+                     key_params=hook)
+    out, _ = merge_to_state_dict(plan)
+    for k in SHAPES:
+        alpha = 1.0 if ".input_blocks." in k else 0.0
+        close(out[k], a[k] + alpha * (b[k] - c[k]))
+
+
+def test_train_difference_plan_per_block_needs_a_known_architecture(tmp_path):
+    from merger_core.trainmerge import plan_train_difference
+
+    paths, _ = family(tmp_path, 2)
+    plan = plan_train_difference(*paths, alpha=0.5)
+    assert plan.method == "train_difference" and plan.params == {"alpha": 0.5}
+    with pytest.raises(ManifestError, match="not recognised"):
+        plan_train_difference(*paths, alpha_blocks="GRAD_V")
