@@ -469,3 +469,16 @@ def test_train_difference_plan_per_block_needs_a_known_architecture(tmp_path):
     assert plan.method == "train_difference" and plan.params == {"alpha": 0.5}
     with pytest.raises(ManifestError, match="not recognised"):
         plan_train_difference(*paths, alpha_blocks="GRAD_V")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3}), ("dare", {"drop": 0.4}), ("slerp", {"t": 0.3}),
+                                           ("train_difference", {"alpha": 0.7})])
+def test_cuda_matches_cpu(tmp_path, method, params):
+    paths, _ = family(tmp_path, 1 if method == "slerp" else 2, seed=31)
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        plan = MergePlan([MergeInput(p) for p in paths], method=method, params=params, dtype="fp32", device=dev, seed=4)
+        outs[dev], _ = merge_to_state_dict(plan)
+    for k in SHAPES:
+        close(outs["cuda"][k], outs["cpu"][k].double(), 1e-5)
