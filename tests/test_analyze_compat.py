@@ -149,3 +149,14 @@ def test_gpu_estimate_present_for_a_gpu_device(tmp_path):
     rep = check_compatibility([a, a], device="cuda:0")
     assert rep.estimates.vram_bytes is not None and rep.estimates.vram_bytes > 0
     json.dumps(rep.to_dict())
+
+
+def test_flux_dev_with_schnell_differs_only_by_guidance_in(tmp_path):
+    dev = layout_from_fingerprint("flux_dev", prefix="")
+    a = _write(tmp_path, "dev", dev)
+    b = _write(tmp_path, "schnell", {k: v for k, v in dev.items() if not k.startswith("guidance_in.")})
+    rep = check_compatibility([a, b])
+    assert [d.arch_id for d in rep.detections] == ["flux_dev", "flux_schnell"]
+    assert rep.verdict == "ok_with_options"
+    u = rep.components["unet"]
+    assert u.status == "keys_differ" and u.keys_missing[1] == ["guidance_in.in_layer.weight"]

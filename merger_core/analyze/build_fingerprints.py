@@ -255,7 +255,6 @@ def build(layout_dir: str, out_dir: str) -> List[str]:
                 notes="FLUX.1 schnell (timestep-distilled): the dev structure without guidance_in.")
     spec["sig"] = FLUX_SIG
     fps["flux_schnell"] = _fingerprint("flux_schnell", spec, schnell, False, "derived from flux1_dev minus guidance_in")
-    fps["flux_schnell"]["family"] = "flux_schnell"
     # SD3.5 medium and large from SD3 medium.
     sd3 = layouts["sd3_medium_t5"]["tensors"]
     mmdit = {k[len(UNET):]: v for k, v in sd3.items() if k.startswith(UNET)}
