@@ -339,7 +339,10 @@ def _duplicate_key_problems(data: Any) -> List[Problem]:
 
 
 def _looks_like_text(source: str) -> bool:
-    return source.lstrip()[:1] in ("{", "[")
+    """JSON text starts with ``{`` or ``[``; an existing file whose name starts so (``[pony] merge.json``) is a file."""
+    if source.lstrip()[:1] not in ("{", "["):
+        return False
+    return "\n" in source or not os.path.exists(os.path.expanduser(source))
 
 
 def load_manifest(
@@ -360,6 +363,8 @@ def load_manifest(
             text = path_or_text.decode("utf-8-sig")
         except UnicodeDecodeError:
             raise ManifestError("manifest text is not UTF-8") from None
+    elif isinstance(path_or_text, str) and not path_or_text.strip():
+        raise ManifestError("no manifest given: the text is empty")
     elif isinstance(path_or_text, str) and _looks_like_text(path_or_text):
         text = path_or_text
     else:

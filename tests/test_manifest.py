@@ -687,3 +687,14 @@ def test_failed_write_leaves_target_and_folder_untouched(folder, monkeypatch):
         save_manifest(Manifest(models=[ManifestEntry(paths[0]), ManifestEntry(paths[1])]), target)
     assert target.read_text() == "old"
     assert sorted(os.listdir(d)) == before
+
+
+def test_file_name_starting_with_bracket_is_a_file_and_empty_text_is_an_error(folder, monkeypatch):
+    d, paths = folder
+    src = write_json(d / "[pony] merge.json", two())
+    monkeypatch.chdir(d)
+    m = load_manifest("[pony] merge.json")
+    assert m.path == str(d / "[pony] merge.json")
+    assert [e.path for e in m.models] == paths[:2]
+    with pytest.raises(ManifestError, match="the text is empty"):
+        load_manifest("  \n")
