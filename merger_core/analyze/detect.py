@@ -245,8 +245,8 @@ def detect_header(header: SafetensorsHeader, read_probe: bool = True) -> Detecti
         return det
 
     full, best = _structural(tensors)
-    name_layout = _name_layout(tensors, lay)
-    if full is None or (full.prefix not in STANDARD_PREFIXES and name_layout is not None):
+    if full is None or full.prefix not in STANDARD_PREFIXES:
+        name_layout = _name_layout(tensors, lay)
         if name_layout is not None:
             _fill_name_layout(det, name_layout, tensors)
             _finish_claims(det)

@@ -66,12 +66,13 @@ def run(args) -> int:
             doc["compatibility"].pop("detections", None)
         print(json.dumps(doc, indent=1, default=str))
     else:
+        blocks = []
         if args.brief or len(dets) > 1:
-            print(render_detections(dets))
+            blocks.append(render_detections(dets))
         if not args.brief:
-            for d in dets:
-                print()
-                print(render_detection(d, evidence=not args.no_evidence))
+            blocks.extend(render_detection(d, evidence=not args.no_evidence) for d in dets)
+        if blocks:
+            print("\n\n".join(blocks))
         if rep is not None:
             print("\n== compatibility")
             print(rep.describe())
