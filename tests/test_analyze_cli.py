@@ -87,6 +87,10 @@ def test_diff_and_lineage_commands(tmp_path, capsys):
                  str(tmp_path / "base.safetensors"), "--json"]) == 0
     ranking = json.loads(capsys.readouterr().out)
     assert ranking[0]["base"].endswith("base.safetensors")
+    from merger_core.analyze import diff_report
+
+    text, img = diff_report(tmp_path / "base.safetensors", tmp_path / "ft.safetensors", arch="sd1")
+    assert "M00" in text and img.ndim == 3 and img.dtype == np.float32
 
 
 def test_analyze_report_for_the_node(files):

@@ -47,3 +47,12 @@ def analyze_report(paths: Sequence[str | os.PathLike] | str | os.PathLike, as_ar
         images.append(compat_image(rep))
     img = stack_images(images)
     return "\n\n".join(parts), (image_to_array(img) if as_array else img)
+
+
+def diff_report(a, b, progress=None, cancel=None, arch=None, as_array: bool = True) -> Tuple[str, object]:
+    """Diff two models and return (report text, heatmap picture) for a node; see :func:`diff_models`."""
+    from .report import diff_heatmap, image_to_array, render_diff
+
+    rep = diff_models(a, b, progress=progress, cancel=cancel, arch=arch)
+    img = diff_heatmap(rep)
+    return render_diff(rep), (image_to_array(img) if as_array else img)
