@@ -101,8 +101,8 @@ class TrainDifference:
         return {"required": req, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, filename_prefix=None, output_mode=None):
-        return validate_prefix(filename_prefix, output_mode)
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        return validate_prefix(filename_prefix)
 
     def merge(self, model_a, model_b, model_c, alpha, alpha_blocks, device, dtype, output_mode, filename_prefix,
               unique_id=None):
@@ -181,8 +181,8 @@ class CrossArchMerge:
         return {"required": req, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, filename_prefix=None, output_mode=None):
-        return validate_prefix(filename_prefix, output_mode)
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        return validate_prefix(filename_prefix)
 
     def merge(self, manifest, base, combine, scale, density, drop, text_encoder, vae, scale_blocks, seed, device,
               dtype, output_mode, filename_prefix, unique_id=None):

@@ -71,8 +71,9 @@ COMMON_OUTPUT_TOOLTIPS = (
 )
 
 
-def validate_prefix(filename_prefix=None, output_mode=None):
-    if filename_prefix is None or output_mode == "graph":
+def validate_prefix(filename_prefix=None):
+    """VALIDATE_INPUTS for the merging nodes: the prefix is checked in every mode (before anything runs)."""
+    if filename_prefix is None:
         return True
     problem = host.prefix_problem(filename_prefix)
     return problem or True
@@ -219,8 +220,8 @@ class WeightedMerge:
         return {"required": req, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, filename_prefix=None, output_mode=None):
-        return validate_prefix(filename_prefix, output_mode)
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        return validate_prefix(filename_prefix)
 
     def merge(self, manifest, device, dtype, output_mode, filename_prefix, unique_id=None):
         if manifest is None:

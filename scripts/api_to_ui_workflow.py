@@ -74,10 +74,13 @@ def convert(api: dict, object_info: dict, note: str | None = None) -> dict:
     depth: dict = {}
 
     def d(nid):
+        # column: one right of the furthest upstream node; a chain of nodes of one class (Add Model To Manifest)
+        # is stacked in one column instead
         if nid not in depth:
             depth[nid] = 0
-            ups = [v[0] for v in nodes_api[nid]["inputs"].values() if isinstance(v, list) and len(v) == 2]
-            depth[nid] = 1 + max((d(u) for u in ups), default=-1)
+            ups = [str(v[0]) for v in nodes_api[nid]["inputs"].values() if isinstance(v, list) and len(v) == 2]
+            chained = len(ups) == 1 and nodes_api[ups[0]]["class_type"] == nodes_api[nid]["class_type"]
+            depth[nid] = d(ups[0]) if chained else 1 + max((d(u) for u in ups), default=-1)
         return depth[nid]
 
     for nid in nodes_api:
@@ -110,9 +113,12 @@ def convert(api: dict, object_info: dict, note: str | None = None) -> dict:
         ui_inputs[nid] = inputs
         n_out = len(info["output"])
         h = 46 + 22 * max(len(inputs), n_out) + 26 * n_widgets + 90 * multiline
+        w = 340
         if node["class_type"] == "PreviewAny":
-            h = 200
-        sizes[nid] = [340 if node["class_type"] != "PreviewAny" else 420, h]
+            w, h = 420, 300
+        elif node["class_type"] in ("SaveImage", "PreviewImage"):
+            w, h = 400, 440
+        sizes[nid] = [w, h]
         node["_widgets"] = widgets
     for nid, inputs in ui_inputs.items():
         for slot, inp in enumerate(inputs):
@@ -127,6 +133,14 @@ def convert(api: dict, object_info: dict, note: str | None = None) -> dict:
                     inp["type"] = typ
                 out_links.setdefault((up, up_slot), []).append(link_id)
     columns: dict = {}
+    col_w: dict = {}
+    for nid in nodes_api:
+        col_w[depth[nid]] = max(col_w.get(depth[nid], 0), sizes[nid][0])
+    col_x = {}
+    x = 60
+    for c in sorted(col_w):
+        col_x[c] = x
+        x += col_w[c] + GAP_X
     order = sorted(nodes_api, key=lambda n: (depth[n], int(n)))
     for i, nid in enumerate(order):
         node = nodes_api[nid]
@@ -140,7 +154,7 @@ def convert(api: dict, object_info: dict, note: str | None = None) -> dict:
         entry = {
             "id": int(nid),
             "type": node["class_type"],
-            "pos": [60 + col * (COL_W + GAP_X), y],
+            "pos": [col_x[col], y],
             "size": sizes[nid],
             "flags": {},
             "order": i,

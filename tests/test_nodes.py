@@ -359,9 +359,9 @@ def test_merge_both_saves_and_loads(comfy, ckpts):
 def test_prefix_escaping_the_output_folder_is_refused(comfy, ckpts, prefix):
     host, pack = comfy
     cls = nodes_of(pack)["ModelMergerWeightedMerge"]
-    problem = cls.VALIDATE_INPUTS(filename_prefix=prefix, output_mode="disk")
+    problem = cls.VALIDATE_INPUTS(filename_prefix=prefix)
     assert isinstance(problem, str) and problem
-    assert cls.VALIDATE_INPUTS(filename_prefix="checkpoints/ok", output_mode="disk") is True
+    assert cls.VALIDATE_INPUTS(filename_prefix="checkpoints/ok") is True
     m = _manifest(pack, ckpts[:2], [1.0, 1.0])
     with pytest.raises(pack.merger_core.errors.OutputError):
         cls().merge(m, "cpu", "fp16", "disk", prefix)

@@ -81,7 +81,7 @@ def test_train_difference_node_equals_the_engine_plan(comfy, ckpts):
     sd, _ = pack.merger_core.engine.merge_to_state_dict(tm.plan_train_difference(*ckpts, alpha=0.7, dtype="fp16"))
     _equal_state_dicts(got, sd)
     assert "train difference" in report and "alpha 0.7" in report
-    assert cls.VALIDATE_INPUTS(filename_prefix="../x", output_mode="disk") != True  # noqa: E712
+    assert cls.VALIDATE_INPUTS(filename_prefix="../x") != True  # noqa: E712
 
 
 def test_cross_arch_merge_node_with_explicit_base(comfy, ckpts):
