@@ -128,6 +128,8 @@ def outcome(entry: dict, workflow: dict, out) -> int:
 
 
 async def follow_ws(server: str, client_id: str, workflow: dict, deadline: float, out, queue_fn) -> str:
+    import asyncio
+
     import aiohttp
 
     parsed = urllib.parse.urlparse(server)
@@ -144,7 +146,7 @@ async def follow_ws(server: str, client_id: str, workflow: dict, deadline: float
                     raise Failure(EXIT_TIMEOUT, f"timed out waiting for prompt {prompt_id}")
                 try:
                     msg = await ws.receive(timeout=min(left, 5.0))
-                except TimeoutError:
+                except (TimeoutError, asyncio.TimeoutError):
                     if history_result(server, prompt_id):  # finished while we were not looking
                         return prompt_id
                     continue
@@ -183,7 +185,8 @@ async def follow_ws(server: str, client_id: str, workflow: dict, deadline: float
                     return prompt_id
 
 
-def run(args, out=sys.stdout) -> int:
+def run(args, out=None) -> int:
+    out = out or sys.stdout
     workflow = load_workflow(args.workflow, args.set)
     client_id = uuid.uuid4().hex
     deadline = time.monotonic() + args.timeout
