@@ -10,6 +10,7 @@ identical bytes on every run, whatever the slice size or device.
 """
 
 from . import MergeMethod, Param, register
+from ._common import f32, slices
 
 BLOCK = 1 << 14
 _M = (1 << 63) - 1
@@ -22,21 +23,25 @@ def block_seed(key_seed: int, input_index: int, block: int) -> int:
     return x ^ (x >> 29)
 
 
-def keep_mask(key_seed: int, input_index: int, offset: int, n: int, drop: float, device=None):
-    """Boolean mask of the kept elements ``offset .. offset+n`` of one input's difference."""
+def uniforms(key_seed: int, input_index: int, offset: int, n: int):
+    """The uniform draws in [0, 1) for elements ``offset .. offset+n`` of one input's difference (CPU, fp32)."""
     import torch
 
     if n <= 0:
-        return torch.ones(0, dtype=torch.bool, device=device)
+        return torch.empty(0, dtype=torch.float32)
     first, last = offset // BLOCK, (offset + n - 1) // BLOCK
-    parts = []
-    for blk in range(first, last + 1):
-        g = torch.Generator()
+    u = torch.empty((last - first + 1) * BLOCK, dtype=torch.float32)
+    g = torch.Generator()
+    for i, blk in enumerate(range(first, last + 1)):
         g.manual_seed(block_seed(key_seed, input_index, blk))
-        parts.append(torch.rand(BLOCK, generator=g))
-    u = parts[0] if len(parts) == 1 else torch.cat(parts)
+        torch.rand(BLOCK, generator=g, out=u[i * BLOCK : (i + 1) * BLOCK])
     start = offset - first * BLOCK
-    keep = u[start : start + n] >= drop
+    return u[start : start + n]
+
+
+def keep_mask(key_seed: int, input_index: int, offset: int, n: int, drop: float, device=None):
+    """Boolean mask of the kept elements ``offset .. offset+n`` of one input's difference (``u >= drop``)."""
+    keep = uniforms(key_seed, input_index, offset, n) >= drop
     return keep if device is None or keep.device == device else keep.to(device)
 
 
@@ -45,14 +50,24 @@ def dare_merge(tensors, weights, drop: float, scale: float, key_seed: int, sourc
     import torch
 
     base = tensors[0].reshape(-1)
-    acc = torch.zeros_like(base)
+    models = [m.reshape(-1) for m in tensors[1:]]
     n = base.numel()
-    for m, w, src in zip(tensors[1:], weights[1:], sources[1:]):
-        d = m.reshape(-1) - base
+    out = torch.empty(n, dtype=torch.float32, device=base.device)
+    draws = [uniforms(key_seed, src, offset, n) if drop > 0 else None for src in sources[1:]]
+    if base.device.type != "cpu":
+        draws = [None if u is None else u.to(base.device) for u in draws]
+    for s, e in slices(n):  # cache-sized single-thread slices
+        b = f32(base[s:e])
+        acc = torch.zeros_like(b)
+        for m, w, u in zip(models, weights[1:], draws):
+            d = torch.sub(m[s:e], b)
+            if u is not None:
+                d.masked_fill_(u[s:e] < drop, 0.0)
+            acc.add_(d, alpha=float(w))
         if drop > 0:
-            d.mul_(keep_mask(key_seed, src, offset, n, drop, d.device)).div_(1.0 - drop)
-        acc.add_(d, alpha=float(w))
-    return base + scale * acc
+            acc.div_(1.0 - drop)
+        torch.add(b, acc, alpha=scale, out=out[s:e])
+    return out
 
 
 class Dare(MergeMethod):

@@ -6,6 +6,7 @@ already far from B, so a fine-tune's training is transferred rather than its abs
 """
 
 from . import MergeMethod, Param, register
+from ._common import f32, slices
 
 SCALE = 1.8
 
@@ -36,8 +37,14 @@ class TrainDifference(MergeMethod):
     def merge_tensor(self, tensors, weights, params, ctx):
         if len(tensors) != 3 or list(ctx.sources) != [0, 1, 2]:
             return tensors[0]  # a key that not all of A, B, C have: kept from the first that has it
-        a, b, c = tensors
-        return train_difference(a, b, c, float(params["alpha"]))
+        import torch
+
+        a, b, c = (t.reshape(-1) for t in tensors)
+        alpha = float(params["alpha"])
+        out = torch.empty(a.numel(), dtype=torch.float32, device=a.device)
+        for s, e in slices(a.numel()):  # cache-sized single-thread slices
+            out[s:e] = train_difference(f32(a[s:e]), f32(b[s:e]), f32(c[s:e]), alpha)
+        return out
 
 
 register(TrainDifference())
