@@ -431,3 +431,21 @@ def test_cli_cross_merge_and_train_diff(tmp_path, capsys):
         if t.is_floating_point():
             ref = train_difference(m0[k].double(), m1[k].double(), t.double(), 0.5)
             assert (got[k].double() - ref).abs().max().item() < 1e-5
+
+
+def test_cli_bases_and_dry_run(home, capsys):
+    from merger_core.cli import main
+
+    write_sparse(home / "sdxl_base.safetensors", layout_from_fingerprint("sdxl_base"))
+    for n in ("m1", "m2"):
+        write_sparse(home / f"{n}.safetensors", layout_from_fingerprint("sdxl_base"))
+    assert main(["bases", "add", str(home / "sdxl_base.safetensors"), "--name", "xl"]) == 0
+    assert main(["bases", "list", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert [b["name"] for b in doc["bases"]] == ["xl"] and doc["bases"][0]["arch_id"] == "sdxl_base"
+    assert main(["cross-merge", str(home / "m1.safetensors"), str(home / "m2.safetensors"), "--dry-run"]) == 0
+    cap = capsys.readouterr()
+    assert "sdxl_base.safetensors (the only registered base" in cap.err and "dry run" in cap.out
+    assert main(["cross-merge", str(home / "m1.safetensors"), "--dry-run", "--vae", "nope"]) == 2
+    assert "model:K" in capsys.readouterr().err
+    assert main(["bases", "remove", "xl"]) == 0
