@@ -556,6 +556,9 @@ def save_manifest(manifest: Manifest, path: Union[str, os.PathLike], *, overwrit
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a manifest is as readable as any file the user saves
         os.replace(tmp, target)
         tmp = None
     except OSError as exc:

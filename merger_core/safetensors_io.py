@@ -282,7 +282,7 @@ class StreamingWriter:
         self.check_target()
         folder = os.path.dirname(self.path)
         base = os.path.basename(self.path)
-        self.tmp_path = os.path.join(folder, f".{base}.{os.getpid()}.{threading.get_ident()}.partial")
+        self.tmp_path = os.path.join(folder, f".{base[:120]}.{os.getpid()}.{threading.get_ident() % 100000}.partial")
         try:
             self._file = self._opener(self.tmp_path)
             self._file.write(self._header)
