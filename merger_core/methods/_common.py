@@ -17,6 +17,37 @@ def slices(n: int, size: int = SLICE) -> Iterator[Tuple[int, int]]:
         yield s, min(n, s + size)
 
 
+_POOL = None
+_POOL_SIZE = 0
+
+
+def workers() -> int:
+    """Threads for slice work: torch's intra-op thread count (the slices are too small to split further)."""
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
+def run_slices(n: int, fn, size: int = SLICE) -> list:
+    """``[fn(s, e) for each slice of 0..n]``, in order. The slices are split into one contiguous run per worker
+    thread (torch releases the GIL inside its ops), so every core is used while each op stays single-threaded
+    and cache-resident. The result does not depend on the number of threads."""
+    global _POOL, _POOL_SIZE
+    sl = list(slices(n, size))
+    k = workers()
+    if k <= 1 or len(sl) < 2 * k:
+        return [fn(s, e) for s, e in sl]
+    if _POOL is None or _POOL_SIZE != k:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=k, thread_name_prefix="model-merger-slices")
+        _POOL_SIZE = k
+    per = -(-len(sl) // k)
+    groups = [sl[i : i + per] for i in range(0, len(sl), per)]
+    futures = [_POOL.submit(lambda g=g: [fn(s, e) for s, e in g]) for g in groups]
+    return [r for f in futures for r in f.result()]
+
+
 def f32(t):
     import torch
 
@@ -75,12 +106,13 @@ def kth_largest_streamed(values, n: int, count: int, sample):
     ss = torch.sort(sample).values
     lo = ss[int(max(0.0, q - margin) * (m - 1))]
     hi = ss[min(m - 1, int(min(1.0, q + margin) * (m - 1)) + 1)]
-    above = torch.zeros((), dtype=torch.int64, device=ss.device)
-    band = []
-    for s, e in slices(n):
+    def scan(s, e):
         x = values(s, e)
-        above += (x > hi).sum()
-        band.append(x[(x >= lo) & (x <= hi)])
+        return int((x > hi).sum()), x[(x >= lo) & (x <= hi)]
+
+    parts = run_slices(n, scan)
+    above = sum(a for a, _ in parts)
+    band = [b for _, b in parts]
     need = count - int(above)
     band_t = torch.cat(band)
     if 1 <= need <= band_t.numel():

@@ -10,7 +10,7 @@ identical bytes on every run, whatever the slice size or device.
 """
 
 from . import MergeMethod, Param, register
-from ._common import f32, slices
+from ._common import f32, run_slices
 
 BLOCK = 1 << 14
 _M = (1 << 63) - 1
@@ -56,7 +56,7 @@ def dare_merge(tensors, weights, drop: float, scale: float, key_seed: int, sourc
     draws = [uniforms(key_seed, src, offset, n) if drop > 0 else None for src in sources[1:]]
     if base.device.type != "cpu":
         draws = [None if u is None else u.to(base.device) for u in draws]
-    for s, e in slices(n):  # cache-sized single-thread slices
+    def one(s, e):
         b = f32(base[s:e])
         acc = torch.zeros_like(b)
         for m, w, u in zip(models, weights[1:], draws):
@@ -67,6 +67,8 @@ def dare_merge(tensors, weights, drop: float, scale: float, key_seed: int, sourc
         if drop > 0:
             acc.div_(1.0 - drop)
         torch.add(b, acc, alpha=scale, out=out[s:e])
+
+    run_slices(n, one)  # cache-sized single-thread slices, spread over the cores
     return out
 
 
@@ -81,7 +83,7 @@ class Dare(MergeMethod):
     )
     min_inputs = 2
     uses_weights = False
-    memory_note = "element-wise on cache-sized slices: about N+4 fp32 slices of 4 MiB plus the random draws"
+    memory_note = "element-wise: the fp32 result of a 4 MiB engine chunk, its random draws (4 MiB per model), 128 KiB slices"
 
     def merge_tensor(self, tensors, weights, params, ctx):
         if not ctx.sources or ctx.sources[0] != 0:

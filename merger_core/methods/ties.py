@@ -11,7 +11,7 @@ differences that agree with it (non-zero, same sign) are averaged with weights `
 import math
 
 from . import MergeMethod, Param, register
-from ._common import f32, flat, kth_largest_streamed, slices
+from ._common import f32, flat, kth_largest_streamed, run_slices
 
 SAMPLE = 1 << 16  # elements sampled (strided) to bracket each threshold
 
@@ -41,7 +41,7 @@ def ties_merge(tensors, weights, density: float, scale: float):
         for t in thresholds
     ]
     out = torch.empty(n, dtype=torch.float32, device=base.device)
-    for s, e in slices(n):  # pass 2: trim, elect, disjoint mean, slice by slice
+    def pass2(s, e):  # trim, elect, disjoint mean for one slice
         b = f32(base[s:e])
         trimmed = []
         vote = torch.zeros_like(b)
@@ -59,13 +59,15 @@ def ties_merge(tensors, weights, density: float, scale: float):
         for d, w in zip(trimmed, ws):
             if d is None:
                 continue
-            agree = torch.mul(d, vote).gt_(0).to(torch.float32)  # same sign as the vote, both non-zero
+            agree = torch.mul(d, vote).gt_(0)  # 1.0 where same sign as the vote and both non-zero
             num.addcmul_(d, agree, value=w)
             den.add_(agree, alpha=w)
         merged = num.div_(torch.where(den != 0, den, 1.0))
         if signed_weights:  # with weights <= 0 a zero denominator can meet a non-zero numerator
             merged.masked_fill_(den == 0, 0.0)
         torch.add(b, merged, alpha=scale, out=out[s:e])
+
+    run_slices(n, pass2)
     return out
 
 
@@ -81,9 +83,9 @@ class Ties(MergeMethod):
     min_inputs = 2
     uses_weights = False
     memory_note = (
-        "one fp32 buffer of the key (reused as the result) plus about 1.5x that during the threshold search, and"
-        " N+4 fp32 slices of 4 MiB; independent of the number of models (CPU). On a GPU the engine also holds"
-        " the N+1 fp32 inputs of the key."
+        "the fp32 result of the key, the values near each threshold (about 3% of the key), and N+4 slices of"
+        " 128 KiB per thread; independent of the number of models (CPU). On a GPU the engine also holds the N+1"
+        " fp32 inputs of the key."
     )
 
     def merge_tensor(self, tensors, weights, params, ctx):
