@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import helpers
 from merger_core.engine import MergeInput, MergePlan, merge_to_file, merge_to_state_dict
 from merger_core.errors import ManifestError
-from merger_core.methods import KeyContext, get_method, list_methods
+from merger_core.methods import get_method, list_methods
 from merger_core.methods import _common
 from merger_core.methods.dare import dare_merge, keep_mask
 from merger_core.methods.slerp import slerp_merge

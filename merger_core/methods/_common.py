@@ -7,7 +7,7 @@ models.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Tuple
 
 SLICE = 1 << 15  # elements per slice (128 KiB in fp32): cache-resident, and at torch's parallel grain size, so each op runs on one thread without OpenMP hand-offs
 
