@@ -170,9 +170,13 @@ def generate_file(path: str, tensors: Sequence[LayoutTensor], layout: str, index
 
 
 def ensure_inputs(
-    layout: str, n: int, data_dir: str = DEFAULT_DATA_DIR, layouts_dir: str = DEFAULT_LAYOUTS, log=print
+    layout: str, n: int, data_dir: str = DEFAULT_DATA_DIR, layouts_dir: str = DEFAULT_LAYOUTS, log=print,
+    generated: Optional[List[str]] = None,
 ) -> List[str]:
-    """``{layout}_0 .. {layout}_{n-1}.safetensors`` under ``data_dir``; files of the right size are reused."""
+    """``{layout}_0 .. {layout}_{n-1}.safetensors`` under ``data_dir``; files of the right size are reused.
+
+    Paths of files written by this call are appended to ``generated`` when given.
+    """
     os.makedirs(data_dir, exist_ok=True)
     tensors = load_layout(layout, layouts_dir)
     paths = []
@@ -185,6 +189,8 @@ def ensure_inputs(
                 raise SystemExit(f"not enough disk for {p}: needs {size / GiB:.1f} GiB, {free / GiB:.1f} GiB free")
             t0 = time.monotonic()
             generate_file(p, tensors, layout, i)
+            if generated is not None:
+                generated.append(p)
             log(f"generated {p} ({size / GiB:.2f} GiB) in {time.monotonic() - t0:.1f} s")
         paths.append(p)
     return paths

@@ -29,6 +29,7 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -234,27 +235,52 @@ def flatness(rows: List[Dict[str, object]]) -> List[str]:
     return lines
 
 
+def parse_cases(args, ap) -> List[tuple]:
+    """[(layout, [n, ...]), ...] from --case LAYOUT:N,N or from --layout/--n."""
+    if not args.case:
+        return [(layout, sorted(set(args.n))) for layout in args.layout]
+    cases = []
+    for spec in args.case:
+        layout, _, ns = spec.partition(":")
+        if layout not in common.LAYOUT_FILES or not ns:
+            ap.error(f"--case {spec!r}: expected LAYOUT:N[,N...] with LAYOUT one of {', '.join(sorted(common.LAYOUT_FILES))}")
+        try:
+            cases.append((layout, sorted({int(x) for x in ns.split(",")})))
+        except ValueError:
+            ap.error(f"--case {spec!r}: N must be whole numbers")
+    return cases
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layout", nargs="+", default=["sd15"], choices=sorted(common.LAYOUT_FILES), help="layouts to run")
     ap.add_argument("--n", nargs="+", type=int, default=[4], help="numbers of models to merge (each >= 2)")
+    ap.add_argument("--case", action="append", metavar="LAYOUT:N[,N...]",
+                    help="run this layout at these N (repeatable; overrides --layout/--n), e.g. sd15:2,4,8")
     ap.add_argument("--modes", nargs="+", default=["warm", "cold"], choices=["warm", "cold"])
     ap.add_argument("--runner", default="auto", choices=["auto", "cli", "api"],
                     help="cli: python -m merger_core merge; api: merge_to_file via python -c; auto: cli if present")
-    ap.add_argument("--naive", action="store_true", help="also run the load-everything baseline where it fits in RAM")
+    ap.add_argument("--naive", action="store_true",
+                    help="also run the load-everything baseline (at the N of --naive-n, where it fits in RAM)")
+    ap.add_argument("--naive-n", nargs="+", type=int, default=[4])
     ap.add_argument("--data-dir", default=common.DEFAULT_DATA_DIR)
     ap.add_argument("--layouts", default=common.DEFAULT_LAYOUTS, help="folder of layout JSON files")
     ap.add_argument("--results", default=None, help="append the log and tables to this file")
     ap.add_argument("--generate-only", action="store_true", help="only make sure the inputs exist")
-    ap.add_argument("--pyspy", default=None, help="profile each merge with py-spy into PREFIX_<layout>_<n>_<mode>.json")
+    ap.add_argument("--keep-inputs", type=int, default=None, metavar="K",
+                    help="after each layout, delete the inputs this run generated whose index is >= K (saves disk)")
+    ap.add_argument("--pyspy", default=None, help="profile each merge with py-spy into PREFIX_<layout>_<n>_<mode>.txt")
     ap.add_argument("--repeat", type=int, default=1, help="measure each case this many times, keep the fastest")
-    ap.add_argument("--wait-idle", type=float, default=300, metavar="S",
+    ap.add_argument("--wait-idle", type=float, default=60, metavar="S",
                     help="before each measurement wait up to S seconds for the CPUs to be <= 15%% busy (0: never)")
     ap.add_argument("--no-lock", action="store_true", help="do not take /tmp/bench.lock (you hold it already)")
     args = ap.parse_args(argv)
-    if any(n < 2 for n in args.n) and not args.generate_only:
-        ap.error("--n values must be >= 2")
+    cases = parse_cases(args, ap)
+    if any(n < 2 for _, ns in cases for n in ns) and not args.generate_only:
+        ap.error("N must be >= 2")
     log = Log(args.results)
+    # a plain `kill` should still remove the output and scratch files (the finally blocks run on SystemExit)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     lock = common.BenchLock() if not args.no_lock else None
     if lock:
@@ -263,10 +289,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         log(f"\n=== merge_bench {started}: {' '.join(sys.argv[1:])}")
         log(f"machine: {common.machine_description()}")
-        inputs: Dict[str, List[str]] = {}
-        for layout in args.layout:
-            inputs[layout] = common.ensure_inputs(layout, max(args.n), args.data_dir, args.layouts, log=log)
         if args.generate_only:
+            for layout, ns in cases:
+                common.ensure_inputs(layout, max(ns), args.data_dir, args.layouts, log=log)
             return 0
         runner = args.runner
         if runner == "auto":
@@ -274,22 +299,33 @@ def main(argv: Optional[List[str]] = None) -> int:
         log(f"runner: {runner}" + ("" if runner == "cli" else " (merger_core.merge_to_file in a python -c subprocess)"))
         rows: List[Dict[str, object]] = []
         mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        for layout in args.layout:
-            for n in sorted(args.n):
-                for mode in args.modes:
-                    runners = [runner]
-                    if args.naive:
-                        need = n * os.path.getsize(inputs[layout][0]) * 1.6
-                        if need < 0.8 * mem_total:
-                            runners.append("naive")
-                        else:
-                            log(f"(naive baseline skipped for {layout} N={n}: needs ~{need / GiB:.0f} GiB of RAM)")
-                    for rn in runners:
-                        prof = f"{args.pyspy}_{layout}_{n}_{mode}.json" if (args.pyspy and rn != "naive") else None
-                        row = measure_one(layout, n, mode, rn, inputs[layout][:n], args.data_dir, log, prof, args.repeat, args.wait_idle)
-                        row["target"] = verdict(row) if n == 4 else ""
-                        rows.append(row)
-                        log(common.format_table([row], COLUMNS).splitlines()[-1])
+        for layout, ns in cases:
+            generated: List[str] = []
+            try:
+                inputs = common.ensure_inputs(layout, max(ns), args.data_dir, args.layouts, log=log, generated=generated)
+                for n in ns:
+                    for mode in args.modes:
+                        runners = [runner]
+                        if args.naive and n in args.naive_n:
+                            need = n * os.path.getsize(inputs[0]) * 1.6
+                            if need < 0.8 * mem_total:
+                                runners.append("naive")
+                            else:
+                                log(f"(naive baseline skipped for {layout} N={n}: needs ~{need / GiB:.0f} GiB of RAM)")
+                        for rn in runners:
+                            prof = f"{args.pyspy}_{layout}_{n}_{mode}.txt" if (args.pyspy and rn != "naive") else None
+                            row = measure_one(layout, n, mode, rn, inputs[:n], args.data_dir, log, prof, args.repeat,
+                                              args.wait_idle)
+                            row["target"] = verdict(row) if n == 4 else ""
+                            rows.append(row)
+                            log(common.format_table([row], COLUMNS).splitlines()[-1])
+            finally:
+                if args.keep_inputs is not None:
+                    for p in generated:
+                        idx = int(os.path.basename(p).rsplit("_", 1)[1].split(".")[0])
+                        if idx >= args.keep_inputs and os.path.exists(p):
+                            os.unlink(p)
+                            log(f"deleted {p} (--keep-inputs {args.keep_inputs})")
         log("")
         log(common.format_table(rows, COLUMNS))
         for line in flatness(rows):
