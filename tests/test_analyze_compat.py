@@ -15,6 +15,17 @@ LAYOUT_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "layo
 UNET = "model.diffusion_model."
 
 
+@pytest.fixture(autouse=True)
+def plenty_of_disk(monkeypatch):
+    """Full-size layouts estimate outputs of many GiB: the verdicts under test must not depend on this machine's
+    free disk (test_not_enough_disk_is_reported sets its own)."""
+    import shutil
+    from collections import namedtuple
+
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(2 ** 50, 0, 2 ** 50))
+
+
 def _layout(name):
     path = os.path.join(LAYOUT_DIR, name + ".json")
     if not os.path.exists(path):

@@ -145,18 +145,19 @@ def _suffix_index(keys) -> Dict[str, set]:
     return idx
 
 
-def _count_indices(tensors, prefix: str, block: str) -> int:
-    start = prefix + block
-    seen = set()
+def _block_counts(tensors, prefix: str) -> Dict[str, int]:
+    """'input_blocks.' -> number of distinct numeric indices after it, for keys under ``prefix``."""
+    seen: Dict[str, set] = defaultdict(set)
+    n = len(prefix)
     for k in tensors:
-        if k.startswith(start):
-            head = k[len(start):].split(".", 1)[0]
-            if head.isdigit():
-                seen.add(int(head))
-    return len(seen)
+        if k.startswith(prefix):
+            parts = k[n:].split(".", 2)
+            if len(parts) > 1 and parts[1].isdigit():
+                seen[parts[0] + "."].add(parts[1])
+    return {b: len(v) for b, v in seen.items()}
 
 
-def _match(fp: Fingerprint, tensors, prefix: str) -> _Match:
+def _match(fp: Fingerprint, tensors, prefix: str, counts_cache: Dict[str, Dict[str, int]]) -> _Match:
     vkey = fp.variant.get("key")
     vdim = fp.variant.get("dim")
     matched = 0
@@ -175,8 +176,10 @@ def _match(fp: Fingerprint, tensors, prefix: str) -> _Match:
         else:
             wrong.append((rel, tuple(t.shape), tuple(shape)))
     counts = []
+    if prefix not in counts_cache:
+        counts_cache[prefix] = _block_counts(tensors, prefix)
     for block, n in fp.counts.items():
-        got = _count_indices(tensors, prefix, block)
+        got = counts_cache[prefix].get(block, 0)
         if got != n:
             counts.append(f"{block.rstrip('.')}: {got} numbered blocks where {fp.id} has {n}")
     absent = [a for a in fp.absent if prefix + a in tensors]
@@ -184,18 +187,30 @@ def _match(fp: Fingerprint, tensors, prefix: str) -> _Match:
 
 
 def _structural(tensors) -> Tuple[Optional[_Match], Optional[_Match]]:
-    """(full match or None, best partial match or None)."""
+    """(full match or None, best partial match or None).
+
+    The usual prefixes are tried first by direct look-up; only when no fingerprint matches completely under one
+    of them are all key suffixes indexed to find a renamed prefix.
+    """
     fps = load_fingerprints()
-    idx = _suffix_index(tensors)
+    counts_cache: Dict[str, Dict[str, int]] = {}
     results: List[_Match] = []
+    tried = set()
     for fp in fps.values():
-        prefixes = set()
-        for rel in fp.signature:
-            prefixes |= idx.get(rel, set())
-        for p in prefixes:
-            if p and not p.endswith("."):
-                continue
-            results.append(_match(fp, tensors, p))
+        for p in STANDARD_PREFIXES:
+            if any(p + rel in tensors for rel in fp.signature):
+                results.append(_match(fp, tensors, p, counts_cache))
+                tried.add((fp.id, p))
+    if not any(m.full for m in results):
+        idx = _suffix_index(tensors)
+        for fp in fps.values():
+            prefixes = set()
+            for rel in fp.signature:
+                prefixes |= idx.get(rel, set())
+            for p in prefixes:
+                if (p and not p.endswith(".")) or (fp.id, p) in tried:
+                    continue
+                results.append(_match(fp, tensors, p, counts_cache))
     if not results:
         return None, None
     results.sort(key=lambda m: m.rank(), reverse=True)
