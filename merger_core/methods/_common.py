@@ -7,6 +7,7 @@ models.
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, Tuple
 
 SLICE = 1 << 15  # elements per slice (128 KiB in fp32): cache-resident, and at torch's parallel grain size, so each op runs on one thread without OpenMP hand-offs
@@ -22,16 +23,22 @@ _POOL_SIZE = 0
 
 
 def workers() -> int:
-    """Threads for slice work: torch's intra-op thread count (the slices are too small to split further)."""
-    import torch
-
-    return max(1, torch.get_num_threads())
+    """Threads for slice work: ``$MODEL_MERGER_THREADS``, else the CPUs this process may run on. Independent of
+    torch's intra-op setting (the engine sets it to 1 on the CPU): slices are below torch's parallel grain size,
+    so each op runs on the thread that calls it, and the threads here do no spin-waiting."""
+    env = os.environ.get("MODEL_MERGER_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def run_slices(n: int, fn, size: int = SLICE) -> list:
-    """``[fn(s, e) for each slice of 0..n]``, in order. The slices are split into one contiguous run per worker
-    thread (torch releases the GIL inside its ops), so every core is used while each op stays single-threaded
-    and cache-resident. The result does not depend on the number of threads."""
+    """``[fn(s, e) for each slice of 0..n]``, in order. The slices are handed to worker threads in runs of a few
+    (torch releases the GIL inside its ops), so every core is used while each op stays single-threaded and
+    cache-resident. The result does not depend on the number of threads."""
     global _POOL, _POOL_SIZE
     sl = list(slices(n, size))
     k = workers()
@@ -42,7 +49,7 @@ def run_slices(n: int, fn, size: int = SLICE) -> list:
 
         _POOL = ThreadPoolExecutor(max_workers=k, thread_name_prefix="model-merger-slices")
         _POOL_SIZE = k
-    per = -(-len(sl) // k)
+    per = max(1, min(16, len(sl) // (4 * k)))  # several runs per thread: a slowed core does not hold the rest
     groups = [sl[i : i + per] for i in range(0, len(sl), per)]
     futures = [_POOL.submit(lambda g=g: [fn(s, e) for s, e in g]) for g in groups]
     return [r for f in futures for r in f.result()]
