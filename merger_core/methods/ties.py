@@ -35,6 +35,7 @@ def ties_merge(tensors, weights, density: float, scale: float):
         thresholds.append(None if count >= n else kth_largest_streamed(absdiff, n, count, sample))
     keep_all = count >= n
     signed_weights = any(w <= 0 for w in ws)
+    min_w = min(ws) if ws else 1.0
     # below the threshold -> 0, as one fused op: hardshrink zeroes |x| <= lambd, and |x| > nextafter(t, 0) <=> |x| >= t
     lambdas = [
         -1.0 if keep_all else None if t is None else float(torch.nextafter(t.reshape(()).float(), torch.zeros((), device=t.device)))
@@ -62,9 +63,10 @@ def ties_merge(tensors, weights, density: float, scale: float):
             agree = torch.mul(d, vote).gt_(0)  # 1.0 where same sign as the vote and both non-zero
             num.addcmul_(d, agree, value=w)
             den.add_(agree, alpha=w)
-        merged = num.div_(torch.where(den != 0, den, 1.0))
         if signed_weights:  # with weights <= 0 a zero denominator can meet a non-zero numerator
-            merged.masked_fill_(den == 0, 0.0)
+            merged = torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
+        else:  # den is 0 (and then num too) or at least the smallest weight: flooring it there changes nothing else
+            merged = num.div_(den.clamp_min_(min_w))
         torch.add(b, merged, alpha=scale, out=out[s:e])
 
     run_slices(n, pass2)
