@@ -2,8 +2,9 @@
 
 1. One big safetensors file (default 6.9 GB of random data, created under /work/bench-data if missing): our hasher
    (SHA256 alone, BLAKE3 alone, CRC32 alone, AutoV3 alone, all six in one pass, all six fed without worker threads)
-   against ``sha256sum`` and ``b3sum`` (or the blake3 package's multithreaded mmap hasher when b3sum is missing) on
-   the same file, warm (file in the page cache) and cold (evicted with posix_fadvise before each run).
+   against ``sha256sum``, ``openssl dgst -sha256`` (which uses the CPU's SHA instructions where a distribution's
+   sha256sum may not) and ``b3sum`` (or the blake3 package's multithreaded mmap hasher when b3sum is missing) on the
+   same file, warm (file in the page cache) and cold (evicted with posix_fadvise before each run).
 2. ``scan --civitai`` over a folder of 20 full-size (sparse) SD1.5 checkpoints against a local CivitAI stub: first
    run (hash everything, ask the stub), then a second run in a fresh process served from the cache.
 
@@ -108,6 +109,8 @@ def big_file_table(path: str, repeat: int, modes) -> list:
     b3 = shutil.which("b3sum")
     runs = [
         ("sha256sum", lambda: timed_cmd(["sha256sum", path])),
+        *([("openssl dgst -sha256", lambda: timed_cmd(["openssl", "dgst", "-sha256", "-r", path]))]
+          if shutil.which("openssl") else []),
         ("b3sum" if b3 else "blake3 (python, mmap, threads)",
          (lambda: timed_cmd([b3, path])) if b3 else (lambda: _py_b3(path))),
         ("ours: SHA256", lambda: timed_ours(path, ["sha256"])),
