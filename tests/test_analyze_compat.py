@@ -171,3 +171,14 @@ def test_flux_dev_with_schnell_differs_only_by_guidance_in(tmp_path):
     assert rep.verdict == "ok_with_options"
     u = rep.components["unet"]
     assert u.status == "keys_differ" and u.keys_missing[1] == ["guidance_in.in_layer.weight"]
+
+
+def test_prefix_difference_needs_a_choice_and_is_not_counted_twice(tmp_path):
+    spec = layout_from_fingerprint("flux_dev", prefix="")
+    a = _write(tmp_path, "bare", spec)
+    b = _write(tmp_path, "ckpt", layout_from_fingerprint("flux_dev"))
+    one = check_compatibility([a, a]).estimates.output_bytes
+    rep = check_compatibility([a, b])
+    assert rep.verdict == "ok_with_options"
+    assert any("same prefix" in o for o in rep.options)
+    assert rep.estimates.output_bytes == pytest.approx(one, rel=0.001)

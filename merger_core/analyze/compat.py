@@ -137,11 +137,16 @@ def check_compatibility(
             + "; their diffusion models cannot be merged"
         )
     prefixes = {d.unet_prefix for _, d in known}
-    if len(prefixes) > 1 and len(fams) == 1:
+    prefix_differs = len(prefixes) > 1 and len(fams) == 1
+    if prefix_differs:
         rep.notes.append(
             "the diffusion model's keys use different prefixes: "
             + ", ".join(f"{names[i]}: {d.unet_prefix!r}" for i, d in known)
             + "; they are compared by their names inside the component"
+        )
+        rep.options.append(
+            "unet: the merge engine matches full key names, so give every file the same prefix first "
+            "(re-save the diffusion-model-only file as a checkpoint, or the checkpoint's diffusion model alone)"
         )
     preds = {d.prediction for _, d in known}
     if len(preds) > 1 and len(fams) == 1:
@@ -167,9 +172,9 @@ def check_compatibility(
         for cc in rep.components.values():
             if cc.status == "shapes_differ" and len(fams) <= 1:
                 rep.problems.append(f"{cc.name}: {cc.shape_mismatch_count} tensors differ in shape")
-    elif statuses - {"same"}:
+    elif statuses - {"same"} or prefix_differs:
         rep.verdict = "ok_with_options"
-    rep.estimates = _estimates(headers, dets, device, output_path, out_dtype)
+    rep.estimates = _estimates(headers, per_file, device, output_path, out_dtype)
     if not rep.estimates.fits:
         rep.problems.extend(rep.estimates.problems)
         if rep.verdict != "incompatible":
@@ -267,12 +272,15 @@ def _mem_available() -> Optional[int]:
         return None
 
 
-def _estimates(headers, dets, device: str, output_path, out_dtype: str) -> Estimates:
+def _estimates(headers, per_file, device: str, output_path, out_dtype: str) -> Estimates:
     est = Estimates(device=device)
-    union: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
-    for h in headers:
-        for k, t in h.tensors.items():
-            union.setdefault(k, (t.dtype, t.shape))
+    # the output holds the union of the inputs' keys, counted inside each component (so one model stored with
+    # and one without the diffusion-model prefix are not counted twice)
+    union: Dict[Tuple[str, str], Tuple[str, Tuple[int, ...]]] = {}
+    for pf in per_file:
+        for comp, keys in pf.items():
+            for k, v in keys.items():
+                union.setdefault((comp, k), v)
     out = 0
     largest = 0
     for dt, shape in union.values():
