@@ -33,7 +33,7 @@ from typing import Any, Awaitable, Callable, Dict, Iterable, List, Mapping, Opti
 from urllib.parse import unquote, urlsplit
 
 from .errors import ModelMergerError
-from .hashing import CancelFn, FileHashes, HashCancelled, ProgressFn, normalize_sha256
+from .hashing import CancelFn, FileHashes, ProgressFn, normalize_sha256
 
 log = logging.getLogger("model_merger.civitai")
 

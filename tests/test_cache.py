@@ -7,12 +7,11 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 
 import pytest
 
 from merger_core import cache as cache_mod
-from merger_core import hashing, userdirs
+from merger_core import userdirs
 from merger_core.cache import HashCache, open_cache
 
 

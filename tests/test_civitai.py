@@ -17,7 +17,6 @@ from merger_core import civitai
 from merger_core.cache import HashCache
 from merger_core.civitai import (
     CivitaiClient,
-    CivitaiError,
     DownloadError,
     RetryPolicy,
     base_model_family,
