@@ -115,7 +115,8 @@ def cli_disk_merge(manifest, out):
     r = common.run_measured(cmd, cwd=REPO)
     if r.returncode != 0:
         raise RuntimeError(f"CLI failed: {r.stderr[-2000:]}")
-    return r.wall_s
+    m = re.search(r" in ([0-9.]+) s \(", r.stdout + r.stderr)
+    return r.wall_s, (float(m.group(1)) if m else None)
 
 
 def gib(n):
@@ -179,15 +180,15 @@ def main(argv=None) -> int:
                     if kind == "node":
                         wall, engine = node_disk_merge(server, f"checkpoints/bench_node_{i}")
                     else:
-                        wall, engine = cli_disk_merge(manifest, os.path.join(out_dir, f"bench_cli_{i}.safetensors")), None
+                        wall, engine = cli_disk_merge(manifest, os.path.join(out_dir, f"bench_cli_{i}.safetensors"))
                     timings.append({"run": f"{kind} #{i + 1}", "kind": kind, "wall s": wall, "engine s": engine})
                     for f in os.listdir(out_dir):  # keep the disk free for the next run
                         os.unlink(os.path.join(out_dir, f))
             print("\nMerge to disk, 4 x SD1.5 fp16 -> fp16, warm page cache:")
             print(common.format_table([{
                 "run": t["run"], "wall s": f"{t['wall s']:.1f}",
-                "engine s (node report)": f"{t['engine s']:.1f}" if t["engine s"] else "",
-            } for t in timings], ["run", "wall s", "engine s (node report)"]))
+                "engine s (reported)": f"{t['engine s']:.1f}" if t["engine s"] else "",
+            } for t in timings], ["run", "wall s", "engine s (reported)"]))
             node = statistics.median(t["wall s"] for t in timings if t["kind"] == "node")
             cli = statistics.median(t["wall s"] for t in timings if t["kind"] == "cli")
             print(f"median wall: node {node:.1f} s, CLI {cli:.1f} s (CLI process incl. Python start), "
