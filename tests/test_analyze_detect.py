@@ -305,3 +305,19 @@ def test_to_dict_is_json(tmp_path):
     back = json.loads(json.dumps(d))
     assert back["arch_id"] == "sd1" and back["components"]["vae"]["status"] == "present"
     assert back["components"]["unet"]["dtype_label"] == "fp16"
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F32"])
+def test_sd2_probe_other_dtypes(tmp_path, dtype):
+    import torch
+
+    spec = layout_from_fingerprint("sd2")
+    key = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    spec[key] = (dtype, (320,))
+    t = torch.from_numpy(np.random.default_rng(1).normal(0, 0.2, 320)).to(torch.bfloat16 if dtype == "BF16" else torch.float32)
+    raw = t.view(torch.int16).numpy().tobytes() if dtype == "BF16" else t.numpy().tobytes()
+    p = tmp_path / "sd2.safetensors"
+    write_sparse(p, spec, values={key: raw})
+    det = detect(p)
+    assert det.prediction == "v"
+    assert f"{float(t.float().std()):.3f}" in det.prediction_source

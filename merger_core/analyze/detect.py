@@ -434,7 +434,7 @@ def _prediction(det: Detection, fp: Fingerprint, prefix: str, header: Safetensor
         key = prefix + probe["key"]
         t = header.tensors.get(key)
         if t is not None and t.is_float and read_probe:
-            std = _tensor_std(header.path, key)
+            std = _tensor_std(header, key)
             if std is not None:
                 pred = probe["then"] if std > probe["std_above"] else probe["else"]
                 det.prediction = pred
@@ -449,15 +449,26 @@ def _prediction(det: Detection, fp: Fingerprint, prefix: str, header: Safetensor
     det.evidence.append(f"prediction {det.prediction}: {det.prediction_source}")
 
 
-def _tensor_std(path: str, key: str) -> Optional[float]:
-    try:
-        from safetensors import safe_open
+def _tensor_std(header: SafetensorsHeader, key: str) -> Optional[float]:
+    """Standard deviation of one tensor, read directly from its byte range (numpy, no torch import)."""
+    import numpy as np
 
-        with safe_open(path, framework="pt") as f:
-            t = f.get_tensor(key).float()
-        return float(t.std()) if t.numel() > 1 else 0.0
-    except Exception:  # a probe is best effort; the header was valid
+    t = header.tensors[key]
+    try:
+        with open(header.path, "rb") as f:
+            f.seek(header.data_start + t.begin)
+            raw = f.read(t.nbytes)
+    except OSError:
         return None
+    if len(raw) != t.nbytes:
+        return None
+    if t.dtype == "BF16":
+        x = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    elif t.dtype in ("F16", "F32", "F64"):
+        x = np.frombuffer(raw, dtype={"F16": "<f2", "F32": "<f4", "F64": "<f8"}[t.dtype]).astype(np.float64)
+    else:
+        return None
+    return float(np.std(x, ddof=1)) if x.size > 1 else 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
