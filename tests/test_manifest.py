@@ -698,3 +698,31 @@ def test_file_name_starting_with_bracket_is_a_file_and_empty_text_is_an_error(fo
     assert [e.path for e in m.models] == paths[:2]
     with pytest.raises(ManifestError, match="the text is empty"):
         load_manifest("  \n")
+
+
+def test_manifest_base_goes_first_for_base_methods(tmp_path):
+    """A manifest's "base" becomes input 0 of task arithmetic / TIES / DARE, and the merge uses it as the base."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from merger_core import merge_to_file
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(4096, generator=g)
+    deltas = [torch.randn(4096, generator=g) * 0.1 for _ in range(2)]
+    save_file({"k": base.half()}, str(tmp_path / "base.safetensors"))
+    for i, d in enumerate(deltas):
+        save_file({"k": (base + d).half()}, str(tmp_path / f"m{i}.safetensors"))
+    (tmp_path / "m.json").write_text(json.dumps({
+        "version": 1, "method": "task_arithmetic", "base": "base.safetensors", "params": {"scale": 0.5},
+        "models": [{"path": "m0.safetensors"}, {"path": "m1.safetensors"}],
+    }))
+    plan = load_manifest(str(tmp_path / "m.json")).to_plan()
+    assert [os.path.basename(i.path) for i in plan.inputs] == ["base.safetensors", "m0.safetensors", "m1.safetensors"]
+    merge_to_file(plan, str(tmp_path / "out.safetensors"))
+    out = load_file(str(tmp_path / "out.safetensors"))["k"].double()
+    b = load_file(str(tmp_path / "base.safetensors"))["k"].double()
+    ms = [load_file(str(tmp_path / f"m{i}.safetensors"))["k"].double() for i in range(2)]
+    ref = b + 0.5 * sum(m - b for m in ms)
+    assert (out - ref).abs().max().item() <= 2e-3
+    assert (out - b).abs().max().item() > 0.01  # the deltas really were applied

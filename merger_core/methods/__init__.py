@@ -55,6 +55,7 @@ class MergeMethod:
     max_inputs: Optional[int] = None
     roles: Optional[Tuple[str, ...]] = None  # names of fixed input positions (e.g. A, B, C)
     uses_weights: bool = True
+    takes_base: bool = False  # input 0 is a common base model (task arithmetic, TIES, DARE)
     memory_note: str = ""
 
     def coefficients(self, weights: Sequence[float], params: Dict[str, float]) -> List[float]:

@@ -83,6 +83,7 @@ class Dare(MergeMethod):
     )
     min_inputs = 2
     uses_weights = False
+    takes_base = True  # input 0 is the base (a manifest's "base" goes there)
     memory_note = "element-wise: the fp32 result of a 4 MiB engine chunk, its random draws (4 MiB per model), 128 KiB slices"
 
     def merge_tensor(self, tensors, weights, params, ctx):

@@ -15,6 +15,7 @@ class TaskArithmetic(MergeMethod):
     params = (Param("scale", 1.0, -2.0, 3.0, "lambda: how much of the combined difference is added to the base"),)
     min_inputs = 2
     uses_weights = False
+    takes_base = True  # input 0 is the base (a manifest's "base" goes there)
     memory_note = "streamed in cache-sized fp32 chunks: a few MiB, independent of model size and count"
 
     def coefficients(self, weights, params):

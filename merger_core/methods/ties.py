@@ -84,6 +84,7 @@ class Ties(MergeMethod):
     )
     min_inputs = 2
     uses_weights = False
+    takes_base = True  # input 0 is the base (a manifest's "base" goes there)
     memory_note = (
         "the fp32 result of the key, the values near each threshold (about 3% of the key), and N+4 slices of"
         " 128 KiB per thread; independent of the number of models (CPU). On a GPU the engine also holds the N+1"
