@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 import helpers
+
+# Tests never touch the user's own data folder (hash cache, base registry): everything goes to a fresh folder.
+os.environ["MODEL_MERGER_HOME"] = tempfile.mkdtemp(prefix="model-merger-home-")
 
 SHARED_LAYOUTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "layouts")
 

@@ -418,3 +418,20 @@ def test_version_and_help(capsys):
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
         assert cmd in capsys.readouterr().out
+
+
+def test_merge_records_output_autov3_from_the_writer(tmp_path, make_models):
+    """The CLI stores the writer's tensor-data hash, so hashing the output later needs no AutoV3 pass."""
+    import json as _json
+
+    from merger_core.cache import open_cache
+    from merger_core.cli import main as cli_main
+    from merger_core.safetensors_io import tensor_data_sha256
+
+    paths = make_models(2)
+    manifest = tmp_path / "m.json"
+    manifest.write_text(_json.dumps({"version": 1, "models": [{"path": str(p)} for p in paths]}))
+    out = tmp_path / "merged.safetensors"
+    assert cli_main(["merge", str(manifest), "-o", str(out), "--no-progress"]) == 0
+    cached = open_cache().lookup(str(out), ["autov3"])
+    assert cached is not None and cached.autov3 == tensor_data_sha256(out)

@@ -67,6 +67,9 @@ def run(args) -> int:
     except ModelMergerError as exc:
         notifier.finish(False, f"{os.path.basename(output)}: {exc}")
         raise
+    from ..cache import remember_written_file
+
+    remember_written_file(result.output, result.tensor_sha256)  # AutoV3 of the output, from the writer
     rate = result.output_bytes / result.seconds / 2**20 if result.seconds > 0 else 0.0
     print(f"wrote {result.output} ({human_bytes(result.output_bytes)}, {result.keys} tensors) "
           f"in {result.seconds:.1f} s ({rate:.0f} MiB/s)", file=out)
