@@ -143,6 +143,7 @@ class PreparedMerge:
     key_report: KeyReport
     architecture: str
     notes: List[str] = field(default_factory=list)
+    compat: object = None  # merger_core.analyze.compat.CompatReport: per-component check and resource estimates
 
     @property
     def out_tensors(self) -> List[OutTensor]:
@@ -203,9 +204,13 @@ def prepare(plan: MergePlan) -> PreparedMerge:
     headers = [read_header(i.path) for i in plan.inputs]
     names = [i.display_name() for i in plan.inputs]
     report = compare_keys(headers, names)
+    compat = _structure_check(plan)
     if report.shape_mismatch or (report.missing and not plan.allow_missing):
         hint = "" if report.shape_mismatch else "\n(use --allow-missing to merge each key over the models that have it)"
-        raise IncompatibleModelsError("the models cannot be merged key by key:\n" + report.describe() + hint, report)
+        structure = "" if compat is None else "\n\nstructure (Analyze Structure):\n" + compat.describe()
+        raise IncompatibleModelsError(
+            "the models cannot be merged key by key:\n" + report.describe() + hint + structure, report
+        )
     all_keys = sorted({k for h in headers for k in h.tensors})
     jobs: List[KeyJob] = []
     notes: List[str] = []
@@ -233,7 +238,23 @@ def prepare(plan: MergePlan) -> PreparedMerge:
                 notes.append(f"{key}: only in {len(sources)} model(s); copied from {names[sources[0]]}")
         jobs.append(KeyJob(key, first.shape, out_dtype, sources, copy_from))
     arch = probe_architecture(headers[0].tensors)
-    return PreparedMerge(plan, headers, jobs, method, params, report, arch, notes)
+    prep = PreparedMerge(plan, headers, jobs, method, params, report, arch, notes)
+    prep.compat = compat
+    return prep
+
+
+def _structure_check(plan: MergePlan):
+    """Analyze Structure's per-component preflight (headers only), or None where it cannot run.
+
+    It explains a refusal per component (UNet, text encoders, VAE) and estimates memory and disk; the key and
+    shape comparison above stays the engine's own gate, so ``allow_missing`` keeps its meaning.
+    """
+    from .analyze.compat import check_compatibility
+
+    try:
+        return check_compatibility([i.path for i in plan.inputs], device=plan.device, out_dtype=plan.dtype)
+    except ModelMergerError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------

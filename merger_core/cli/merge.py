@@ -91,5 +91,17 @@ def _describe(out, plan, prep, output: str) -> None:
 
     print(f"{len(prep.jobs)} tensors, {human_bytes(prep.input_bytes)} in, {human_bytes(prep.output_bytes)} out; "
           f"dtype {plan.dtype}, device {resolve_device(plan.device)}; architecture {prep.architecture}", file=out)
+    compat = prep.compat
+    if compat is not None:
+        est = compat.estimates
+        ram = est.peak_ram_bytes_linear if prep.method.kind == "linear" else est.peak_ram_bytes_tensorwise
+        line = f"preflight: {compat.verdict.replace('_', ' ')}; estimated peak RAM {human_bytes(ram)}"
+        if est.vram_bytes is not None:
+            line += f", GPU memory {human_bytes(est.vram_bytes)}"
+        print(line, file=out)
+        for problem in est.problems:
+            print(f"  warning: {problem}", file=out)
+        for option in compat.options:
+            print(f"  option: {option}", file=out)
     for note in prep.notes:
         print(f"note: {note}", file=out)
