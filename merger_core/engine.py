@@ -263,7 +263,10 @@ def _structure_check(plan: MergePlan):
 
 
 class _FileSink:
-    """Feeds a StreamingWriter from a thread, through a ring of reusable chunk buffers."""
+    """Feeds a StreamingWriter through a ring of reusable chunk buffers and two threads in a pipeline:
+    the merging thread fills a chunk, a hashing thread adds it to the tensor-data SHA-256, a writing thread writes it
+    and gives the buffer back. Order is kept by the queues; hashing and writing overlap each other and the merge.
+    """
 
     def __init__(self, writer: StreamingWriter, chunk_bytes: int):
         import torch
@@ -274,24 +277,43 @@ class _FileSink:
         for i in range(WRITE_RING):
             self.free.put(i)
         self.todo: "queue.Queue[Optional[Tuple[int, int]]]" = queue.Queue()
+        self.hashed: "queue.Queue[Optional[Tuple[int, int]]]" = queue.Queue()
         self.error: Optional[BaseException] = None
-        self.thread = threading.Thread(target=self._run, name="model-merger-writer", daemon=True)
-        self.thread.start()
+        self.threads = [
+            threading.Thread(target=self._hash_loop, name="model-merger-hash", daemon=True),
+            threading.Thread(target=self._write_loop, name="model-merger-writer", daemon=True),
+        ]
+        for t in self.threads:
+            t.start()
         self._slot: Optional[int] = None
 
-    def _run(self):
+    def _view(self, slot: int, n: int):
+        return memoryview(self.buffers[slot][:n].numpy())
+
+    def _hash_loop(self):
         while True:
             item = self.todo.get()
+            if item is not None and self.error is None:
+                try:
+                    self.writer.hash_raw(self._view(*item))
+                except BaseException as exc:  # reported to the merging thread
+                    self.error = exc
+            self.hashed.put(item)
             if item is None:
                 return
-            slot, n = item
+
+    def _write_loop(self):
+        while True:
+            item = self.hashed.get()
+            if item is None:
+                return
             try:
                 if self.error is None:
-                    self.writer.write_raw(memoryview(self.buffers[slot][:n].numpy()))
+                    self.writer.write_unhashed(self._view(*item))
             except BaseException as exc:  # reported to the merging thread
                 self.error = exc
             finally:
-                self.free.put(slot)
+                self.free.put(item[0])
 
     def chunk(self, nbytes: int, dtype):
         """A 1-D buffer of ``dtype`` with room for ``nbytes`` to fill, then :meth:`commit`."""
@@ -312,13 +334,15 @@ class _FileSink:
 
     def finish(self):
         self.todo.put(None)
-        self.thread.join()
+        for t in self.threads:
+            t.join()
         if self.error is not None:
             raise self.error
 
     def abort(self):
         self.todo.put(None)
-        self.thread.join()
+        for t in self.threads:
+            t.join()
 
 
 class _DictSink:
@@ -358,6 +382,22 @@ class _DictSink:
 # Reading ahead
 
 
+def _readahead_bytes(path: str) -> int:
+    """The kernel's read-ahead window for the device holding ``path`` (what one WILLNEED reads), default 128 KiB."""
+    try:
+        dev = os.stat(path).st_dev
+        base = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+        for candidate in (f"{base}/queue/read_ahead_kb", f"{base}/../queue/read_ahead_kb"):
+            if os.path.exists(candidate):
+                with open(candidate) as f:
+                    kb = int(f.read().strip())
+                if kb > 0:
+                    return kb * 1024
+    except (OSError, ValueError):
+        pass
+    return 128 * 1024
+
+
 class _Prefetcher:
     """Asks the kernel to read the coming keys' byte ranges (posix_fadvise WILLNEED) ahead of the arithmetic."""
 
@@ -389,6 +429,7 @@ class _Prefetcher:
         fds = []
         try:
             fds = [os.open(p, os.O_RDONLY) for p in self.paths]
+            step = _readahead_bytes(self.paths[0])
             ahead = 0  # bytes requested beyond the current position
             nxt = 0
             done_bytes = [sum(n for _, _, n in r) for r in self.ranges]
@@ -400,7 +441,9 @@ class _Prefetcher:
                     if self.stop:
                         return
                 for i, off, n in self.ranges[nxt]:
-                    os.posix_fadvise(fds[i], off, n, os.POSIX_FADV_WILLNEED)
+                    # One WILLNEED reads at most the device's read-ahead window: ask in steps of it.
+                    for o in range(off, off + n, step):
+                        os.posix_fadvise(fds[i], o, min(step, off + n - o), os.POSIX_FADV_WILLNEED)
                 ahead += done_bytes[nxt]
                 nxt += 1
         except OSError:

@@ -305,7 +305,17 @@ class StreamingWriter:
         self._next += 1
 
     def write_raw(self, data) -> None:
+        """Hash and write the next bytes of the data section."""
+        self.hash_raw(data)
+        self.write_unhashed(data)
+
+    def hash_raw(self, data) -> None:
+        """Add the next bytes of the data section to the tensor-data hash (split from writing so that the two can
+        run in separate threads, in the same order)."""
         self._hasher.update(data)
+
+    def write_unhashed(self, data) -> None:
+        """Write the next bytes of the data section; they must also go through :meth:`hash_raw`."""
         try:
             self._file.write(data)
         except OSError as exc:
