@@ -481,3 +481,26 @@ def test_cuda_matches_cpu(tmp_path, method, params):
         outs[dev], _ = merge_to_state_dict(plan)
     for k in SHAPES:
         close(outs["cuda"][k], outs["cpu"][k].double(), 1e-5)
+
+
+def test_tensor_methods_work_inside_inference_mode(tmp_path, monkeypatch):
+    """ComfyUI runs nodes under torch.inference_mode(); the slice workers must follow it (regression: TIES raised
+    "Inplace update to inference tensor outside InferenceMode" from its worker threads)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from merger_core import MergeInput, MergePlan, merge_to_state_dict
+
+    monkeypatch.setenv("MODEL_MERGER_THREADS", "2")
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(300_000, generator=g)
+    paths = []
+    for i, scale in enumerate([0.0, 0.1, 0.1]):
+        p = tmp_path / f"m{i}.safetensors"
+        save_file({"k": (base + scale * torch.randn(300_000, generator=g)).half()}, str(p))
+        paths.append(str(p))
+    plan = MergePlan([MergeInput(p, 1.0) for p in paths], method="ties", normalize=False)
+    with torch.inference_mode():
+        sd, _ = merge_to_state_dict(plan)
+    expected, _ = merge_to_state_dict(plan)
+    assert torch.equal(sd["k"], expected["k"])

@@ -49,9 +49,19 @@ def run_slices(n: int, fn, size: int = SLICE) -> list:
 
         _POOL = ThreadPoolExecutor(max_workers=k, thread_name_prefix="model-merger-slices")
         _POOL_SIZE = k
+    import torch
+
     per = max(1, min(16, len(sl) // (4 * k)))  # several runs per thread: a slowed core does not hold the rest
     groups = [sl[i : i + per] for i in range(0, len(sl), per)]
-    futures = [_POOL.submit(lambda g=g: [fn(s, e) for s, e in g]) for g in groups]
+    # Inference mode is per thread: ComfyUI runs nodes inside torch.inference_mode(), so tensors made by the caller
+    # are inference tensors, which the workers may only update in place inside the same mode.
+    inference = torch.is_inference_mode_enabled()
+
+    def run(group):
+        with torch.inference_mode(inference):
+            return [fn(s, e) for s, e in group]
+
+    futures = [_POOL.submit(run, g) for g in groups]
     return [r for f in futures for r in f.result()]
 
 
