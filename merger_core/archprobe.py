@@ -24,11 +24,10 @@ def probe_architecture(tensors: Mapping[str, TensorInfo]) -> str:
             return "flux-1-dev" if shape(prefix + "guidance_in.in_layer.weight") else "flux-1-schnell"
         if any(k.startswith(prefix + "joint_blocks.") for k in tensors):
             return "stable-diffusion-v3-medium"
+    # input_blocks.4 has cross-attention in SD1, SD2 and SDXL; input_blocks.1 only in SD1/SD2
     ctx = shape(UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight") or shape(
-        UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+        UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     )
-    if ctx is None:
-        ctx = shape(UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
     label = shape(UNET + "label_emb.0.0.weight")
     if ctx is not None:
         dim = ctx[-1]
