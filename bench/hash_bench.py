@@ -30,23 +30,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, HERE)
+
+from common import machine_description  # noqa: E402
 
 DATA = "/work/bench-data"
 MiB = 1024 * 1024
-
-
-def machine() -> str:
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}"
 
 
 def make_big(path: str, size: int) -> None:
@@ -276,7 +265,7 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=os.path.join(DATA, "RESULTS-hash.txt"))
     args = ap.parse_args(argv)
 
-    lines = [f"=== hash_bench {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", f"machine: {machine()}"]
+    lines = [f"=== hash_bench {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", f"machine: {machine_description()}, Python {platform.python_version()}"]
     lines.append(f"load average at start: {os.getloadavg()[0]:.2f}")
     print("\n".join(lines), flush=True)
     if not args.skip_big:
