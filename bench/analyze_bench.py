@@ -26,10 +26,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 
-from merger_core.analyze import check_compatibility, detect, diff_models, rank_bases  # noqa: E402
-from merger_core.analyze.report import detection_image  # noqa: E402
-from merger_core.analyze.synth import layout_from_fingerprint, layout_from_json, write_sparse  # noqa: E402
-from merger_core.analyze.fingerprints import load_fingerprints  # noqa: E402
+from merger_core.arch import check_compatibility, detect, diff_models, rank_bases
+from merger_core.report.images import detection_image
+from synth import layout_from_fingerprint, layout_from_json, write_sparse
+from merger_core.arch.fingerprints import load_fingerprints
 
 UNET = "model.diffusion_model."
 
@@ -106,7 +106,8 @@ def make_finetune(base_path: str, out_path: str, scale: float = 0.1):
     import numpy as np
     from safetensors import safe_open
 
-    from merger_core.safetensors_io import OutTensor, StreamingWriter, read_header
+    from merger_core.io.writer import OutTensor, StreamingWriter
+    from merger_core.io.safetensors import read_header
 
     h = read_header(base_path)
     if os.path.exists(out_path) and os.path.getsize(out_path) == h.file_size:

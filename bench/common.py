@@ -108,7 +108,7 @@ def _metadata(layout: str, index: int) -> Dict[str, str]:
 
 
 def expected_size(tensors: Sequence[LayoutTensor], layout: str, index: int) -> int:
-    from merger_core.safetensors_io import OutTensor, build_header
+    from merger_core.io.writer import OutTensor, build_header
 
     header, _, _ = build_header([OutTensor(t.name, t.dtype, t.shape) for t in tensors], _metadata(layout, index))
     return len(header) + sum(OutTensor(t.name, t.dtype, t.shape).nbytes for t in tensors)
@@ -136,7 +136,7 @@ def _tensor_chunks(t: LayoutTensor, index: int, max_chunk: int = POOL_ELEMENTS):
 
     import numpy as np
 
-    from merger_core.safetensors_io import DTYPE_SIZES
+    from merger_core.io.safetensors import DTYPE_SIZES
 
     n = math.prod(t.shape)
     if t.dtype == "F16":
@@ -159,7 +159,7 @@ def _tensor_chunks(t: LayoutTensor, index: int, max_chunk: int = POOL_ELEMENTS):
 
 def generate_file(path: str, tensors: Sequence[LayoutTensor], layout: str, index: int) -> None:
     """Write one full-size checkpoint with the engine's StreamingWriter (temporary file, fsync, rename)."""
-    from merger_core.safetensors_io import OutTensor, StreamingWriter
+    from merger_core.io.writer import OutTensor, StreamingWriter
 
     out = [OutTensor(t.name, t.dtype, t.shape) for t in tensors]
     with StreamingWriter(path, out, _metadata(layout, index), overwrite=True) as w:

@@ -85,7 +85,7 @@ def timed_cmd(cmd) -> tuple:
 
 
 def timed_ours(path: str, algos, **kw) -> tuple:
-    from merger_core.hashing import hash_file
+    from merger_core.identity.hashing import hash_file
 
     c0 = time.process_time()
     t0 = time.perf_counter()
@@ -180,7 +180,7 @@ print(json.dumps({"import_s": t1 - t0, "scan_enrich_s": t2 - t1, "n": len(m.mode
 
 
 def make_folder(folder: str, n: int) -> None:
-    from merger_core.demo import sd15_full_layout
+    from merger_core.merge.demo import sd15_full_layout
 
     os.makedirs(folder, exist_ok=True)
     layout = sd15_full_layout()
@@ -190,7 +190,7 @@ def make_folder(folder: str, n: int) -> None:
             continue
         header = {"__metadata__": {"bench_index": str(i)}}
         pos = 0
-        from merger_core.safetensors_io import DTYPE_SIZES
+        from merger_core.io.safetensors import DTYPE_SIZES
         import math
 
         for k in sorted(layout):
@@ -217,8 +217,8 @@ def scan_table(folder: str, n: int) -> list:
     env = dict(os.environ, MODEL_MERGER_HOME=home, PYTHONPATH=REPO)
     rows = []
     try:
-        from merger_core.cache import HashCache
-        from merger_core import userdirs
+        from merger_core.identity.cache import HashCache
+        from merger_core.host import userdirs
 
         os.environ["MODEL_MERGER_HOME"] = home
         with CivitaiStub() as stub:

@@ -1,27 +1,18 @@
-"""Model Merger engine: streaming checkpoint merges, manifests, scans. No ComfyUI import anywhere in here."""
+"""Model Merger engine: streaming checkpoint merges, manifests, scans. No ComfyUI import anywhere in here.
 
-__version__ = "0.6.0"
+The rooms and what each may import are in ``docs/architecture.md``; this file only re-exports the public API.
+"""
 
-from .errors import (  # noqa: E402
-    BadFileError,
-    DeviceError,
-    IncompatibleModelsError,
-    ManifestError,
-    MergeCancelled,
-    ModelMergerError,
-    OutputError,
+from .version import __version__  # noqa: F401
+
+from .errors import (  # noqa: F401
+    BadFileError, DeviceError, IncompatibleModelsError, ManifestError, MergeCancelled, ModelMergerError, OutputError,
     ScanError,
 )
-from .safetensors_io import SafetensorsHeader, StreamingWriter, TensorInfo, read_header  # noqa: E402
-from .engine import (  # noqa: E402
-    MergeInput,
-    MergePlan,
-    MergeResult,
-    ProgressInfo,
-    merge_to_file,
-    merge_to_state_dict,
-    prepare,
-)
-from .devices import available_devices, resolve_device  # noqa: E402
-from .scan import ScanResult, scan_folder  # noqa: E402  (``scan`` itself: merger_core.scan.scan; the name is the module)
-from .manifest import Manifest, ManifestEntry, load_manifest, manifest_from_scan, save_manifest  # noqa: E402
+from .io.safetensors import SafetensorsHeader, TensorInfo, read_header  # noqa: F401
+from .io.writer import StreamingWriter  # noqa: F401
+from .manifest.model import Manifest, ManifestEntry, load_manifest, manifest_from_scan, save_manifest  # noqa: F401
+from .manifest.scan import ScanResult, scan_folder  # noqa: F401
+from .merge.device import available_devices, resolve_device  # noqa: F401
+from .merge.plan import MergeInput, MergePlan, plan_from_manifest, prepare  # noqa: F401
+from .merge.runner import MergeResult, ProgressInfo, merge_to_file, merge_to_state_dict  # noqa: F401

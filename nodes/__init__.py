@@ -12,13 +12,11 @@ log = logging.getLogger("model_merger")
 
 host.register_folder_kind()
 try:  # keep the hash/CivitAI cache under ComfyUI's user directory
-    from ..merger_core import userdirs
+    from ..merger_core.host import userdirs
 
     userdirs.use_comfyui_user_dir(host.folder_paths.get_user_directory())
 except Exception as exc:  # not fatal: the platform data folder is used instead
     log.warning("Model Merger: could not use ComfyUI's user directory for its cache: %s", exc)
-
-from . import routes  # noqa: E402,F401  (serves the browser-side logic module)
 
 NODES = [
     ("ModelMergerScanFolder", ScanFolder, "Scan Folder (Model Merger)"),

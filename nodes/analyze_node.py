@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from ..merger_core import analyze as an
-from ..merger_core.analyze import report as rep
+from ..merger_core import report as rep
+from ..merger_core.arch import diff_models
 from . import _host as host
 from .manifest_nodes import check_manifest_paths
 
@@ -69,13 +69,13 @@ class AnalyzeStructure:
             paths = [e.path for e in manifest.models]
         else:
             paths = [host.checkpoint_path(ckpt_name)]
-        text, picture = an.analyze_report(paths, as_array=False)
+        text, picture = rep.analyze_report(paths, as_array=False)
         pictures = [picture]
         if compare_to != NONE:
             a = host.checkpoint_path(ckpt_name)
             b = host.checkpoint_path(compare_to)
             bar = host.KeyProgress(unique_id, label="comparing")
-            diff = an.diff_models(a, b, progress=bar, cancel=host.check_interrupt)
+            diff = diff_models(a, b, progress=bar, cancel=host.check_interrupt)
             text += "\n\n== " + f"{os.path.basename(a)} vs {os.path.basename(b)}\n" + rep.render_diff(diff)
             pictures.append(rep.diff_heatmap(diff))
         image = rep.stack_images(pictures) if len(pictures) > 1 else pictures[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ..merger_core import civitai
+from ..merger_core.identity import civitai
 from . import _host as host
 from .manifest_nodes import check_manifest_paths
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from ..merger_core import bases as bases_mod
-from ..merger_core import crossmerge as cm
-from ..merger_core import trainmerge
+from ..merger_core.identity import bases as bases_mod
+from ..merger_core.merge import cross as cm
+from ..merger_core.merge import train as trainmerge
 from ..merger_core.errors import ManifestError
 from . import _host as host
 from .manifest_nodes import check_manifest_paths

@@ -7,8 +7,8 @@ import hashlib
 import json
 import os
 
-from ..merger_core import manifest as mf
-from ..merger_core import scan as sc
+from ..merger_core.manifest import model as mf
+from ..merger_core.manifest import scan as sc
 from ..merger_core.errors import ManifestError
 from . import _host as host
 

@@ -7,8 +7,9 @@ import os
 import time
 from typing import List, Optional, Sequence
 
-from ..merger_core import engine
-from ..merger_core.devices import available_devices
+from ..merger_core.merge import runner as engine
+from ..merger_core.merge.plan import plan_from_manifest
+from ..merger_core.merge.device import available_devices
 from ..merger_core.errors import ManifestError, MergeCancelled, ModelMergerError
 from . import _host as host
 from .manifest_nodes import check_manifest_paths
@@ -183,7 +184,7 @@ def format_report(plan, prep, result, title, header_lines, notes, saved, seconds
     lines.append("inputs:")
     for n, w in zip(names, weights):
         lines.append(f"  {w:g}" + (f" ({100 * w / total:.1f}%)" if show_share else "") + f"  {n}")
-    lines.append(f"architecture: {result.architecture}")
+    lines.append(f"architecture: {result.structure} (modelspec {result.architecture})")
     lines.append(f"output: {len(prep.jobs)} keys, {host.human_bytes(prep.output_bytes)}, dtype {plan.dtype}, device {plan.device}")
     if saved:
         lines.append(f"saved: {host.rel_to_output(saved)} (in ComfyUI's output folder)")
@@ -227,7 +228,7 @@ class WeightedMerge:
         if manifest is None:
             raise ManifestError("no manifest connected")
         check_manifest_paths(manifest)
-        plan = manifest.to_plan(device=device, dtype=dtype)
+        plan = plan_from_manifest(manifest, device=device, dtype=dtype)
         return run_plan(
             plan,
             node_id=unique_id,

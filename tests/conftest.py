@@ -1,13 +1,17 @@
-"""Shared fixtures. The plain functions behind them are in ``helpers.py`` (``import helpers``)."""
+"""Shared fixtures. The plain functions behind them, the stubs and the float64 oracle are in ``support/``, which
+is put on ``sys.path`` here (``import helpers``, ``from oracle import ...``)."""
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 import pytest
 
-import helpers
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "support"))
+
+import helpers  # noqa: E402
 
 # Tests never touch the user's own data folder (hash cache, base registry): everything goes to a fresh folder.
 os.environ["MODEL_MERGER_HOME"] = tempfile.mkdtemp(prefix="model-merger-home-")

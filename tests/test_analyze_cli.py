@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merger_core.analyze import analyze_report
-from merger_core.analyze.synth import layout_from_fingerprint, write_sparse
+from merger_core.report import analyze_report
+from synth import layout_from_fingerprint, write_sparse
 from merger_core.cli import main
 
 UNET = "model.diffusion_model."
@@ -97,7 +97,7 @@ def test_diff_and_lineage_commands(tmp_path, capsys):
                  str(tmp_path / "base.safetensors"), "--json"]) == 0
     ranking = json.loads(capsys.readouterr().out)
     assert ranking[0]["base"].endswith("base.safetensors")
-    from merger_core.analyze import diff_report
+    from merger_core.report import diff_report
 
     text, img = diff_report(tmp_path / "base.safetensors", tmp_path / "ft.safetensors", arch="sd1")
     assert "M00" in text and img.ndim == 3 and img.dtype == np.float32

@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from merger_core.analyze import check_compatibility, require_compatible
-from merger_core.analyze.synth import layout_from_fingerprint, layout_from_json, write_sparse
+from merger_core.arch import check_compatibility, require_compatible
+from merger_core.report.text import render_compat
+from synth import layout_from_fingerprint, layout_from_json, write_sparse
 from merger_core.errors import IncompatibleModelsError
 
 LAYOUT_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "layouts")
@@ -70,7 +71,7 @@ def test_sd15_with_sdxl_full_layouts_name_shapes(tmp_path):
     b = _write(tmp_path, "sdxl", _layout("sdxl_base"))
     rep = check_compatibility([a, b])
     assert rep.verdict == "incompatible"
-    text = rep.describe()
+    text = render_compat(rep)
     assert "unet: input_blocks.0.0.weight" not in text  # same shape in both: not listed
     assert "shape diffs" in text and "lacks" in text
     # the VAE is the same structure in both: the report says so

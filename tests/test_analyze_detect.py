@@ -11,9 +11,9 @@ import struct
 import numpy as np
 import pytest
 
-from merger_core.analyze import detect, load_fingerprints
-from merger_core.analyze.blocks import block_of, blocks
-from merger_core.analyze.synth import layout_from_fingerprint, layout_from_json, write_sparse
+from merger_core.arch import detect, load_fingerprints
+from merger_core.arch.blocks import block_of, blocks
+from synth import layout_from_fingerprint, layout_from_json, write_sparse
 from merger_core.errors import BadFileError
 
 LAYOUT_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "layouts")

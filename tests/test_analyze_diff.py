@@ -11,11 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merger_core.analyze import diff_models, list_bases, rank_bases, register_base, remove_base
-from merger_core.analyze.blocks import block_of
-from merger_core.analyze.report import diff_heatmap, image_to_array, render_diff
-from merger_core.analyze.synth import layout_from_fingerprint, write_sparse
-from merger_core.errors import BadFileError, IncompatibleModelsError, MergeCancelled
+from merger_core.arch import diff_models, rank_bases
+from merger_core.identity.bases import list_bases, register_base, remove_base
+from merger_core.arch.blocks import block_of
+from merger_core.report.images import diff_heatmap, image_to_array
+from merger_core.report.text import render_diff
+from synth import layout_from_fingerprint, write_sparse
+from merger_core.errors import BadFileError, IncompatibleModelsError, ManifestError, MergeCancelled
 
 UNET = "model.diffusion_model."
 # small tensors with real SD1 key names, a few per block
@@ -91,7 +93,7 @@ def test_diff_matches_constructed_deltas(tmp_path):
 
 
 def test_diff_chunking_equals_whole(tmp_path):
-    from merger_core.analyze.diff import tensor_sums
+    from merger_core.arch.diff import tensor_sums
 
     a = torch.randn(10_001, dtype=torch.float32)
     b = torch.randn(10_001, dtype=torch.float32)
@@ -169,5 +171,7 @@ def test_base_registry(tmp_path, monkeypatch):
     assert os.path.exists(tmp_path / "home" / "bases.json")
     with pytest.raises(BadFileError, match="junk.safetensors"):
         register_base(tmp_path / "junk.safetensors")
-    assert remove_base("sd15") and not remove_base("sd15")
+    remove_base("sd15")
+    with pytest.raises(ManifestError, match="no registered base is called 'sd15'"):
+        remove_base("sd15")
     assert [b.name for b in list_bases()] == ["SDXL 1.0"]

@@ -10,15 +10,9 @@ import struct
 import pytest
 
 import helpers
-from merger_core.engine import merge_to_file, prepare
-from merger_core.errors import (
-    BadFileError,
-    IncompatibleModelsError,
-    ManifestError,
-    MergeCancelled,
-    ModelMergerError,
-    OutputError,
-)
+from merger_core.merge.runner import merge_to_file
+from merger_core.merge.plan import plan_from_manifest, prepare
+from merger_core.errors import BadFileError, IncompatibleModelsError, ManifestError, MergeCancelled, ModelMergerError, OutputError
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -229,7 +223,7 @@ def test_bad_weights(setup, weights, words):
 
 
 def test_manifest_rejects_bad_weights(setup, tmp_path):
-    from merger_core.manifest import load_manifest
+    from merger_core.manifest.model import load_manifest
 
     p = tmp_path / "m.json"
     for w1, words in (("NaN", "must be a finite number"), ("Infinity", "must be a finite number"),
@@ -239,7 +233,7 @@ def test_manifest_rejects_bad_weights(setup, tmp_path):
             '{"path": "%s", "weight": %s}]}' % (setup.paths[0], "0.0" if w1 == "0.0" else "1.0", setup.paths[1], w1)
         )
         with pytest.raises(ManifestError) as info:
-            load_manifest(str(p)).to_plan()
+            plan_from_manifest(load_manifest(str(p)))
         msg = str(info.value)
         assert words in msg, msg
         if w1 != "0.0":

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from merger_core import cache as cache_mod
-from merger_core import userdirs
-from merger_core.cache import HashCache, open_cache
+from merger_core.identity import cache as cache_mod
+from merger_core.host import userdirs
+from merger_core.identity.cache import HashCache, open_cache
 
 
 @pytest.fixture
@@ -224,7 +224,7 @@ def test_unwritable_location_falls_back_to_memory(tmp_path):
 
 WRITER = r"""
 import os, sys
-from merger_core.cache import HashCache
+from merger_core.identity.cache import HashCache
 db, folder, tag, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 c = HashCache(db)
 for i in range(n):
@@ -294,7 +294,7 @@ def test_open_cache_is_shared_per_path(tmp_path, monkeypatch):
 
 def test_writer_hash_recorded_for_outputs(db, tmp_path, count_hashing):
     import helpers
-    from merger_core.cache import remember_written_file
+    from merger_core.identity.cache import remember_written_file
 
     p = helpers.write_model(tmp_path / "out.safetensors", seed=4)
     remember_written_file(p, "0x" + helpers.data_sha256(p), cache=db)

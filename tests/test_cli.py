@@ -13,7 +13,7 @@ import types
 import pytest
 
 import helpers
-from merger_core import notify
+from merger_core.host import notify
 from merger_core.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -379,7 +379,7 @@ def test_notify_done_never_raises_on_a_closed_stream(no_notifier):
 def test_demo_in_process(capsys, tmp_path):
     rc, out, err = run_cli(capsys, "demo", tmp_path / "d", "--no-progress")
     assert rc == 0, out + err
-    assert "demo passed" in out and "1130 float tensors" in out and "1 integer/marker tensors bit-exact" in out
+    assert "demo passed" in out and "1130 float tensors" in out and "SD1 layout, non-standard widths" in out and "1 integer/marker tensors bit-exact" in out
     assert (tmp_path / "d" / "merged.safetensors").exists()
     assert (tmp_path / "d" / "inputs" / "manifest.json").exists()
     first = helpers.sha256_file(tmp_path / "d" / "merged.safetensors")
@@ -389,7 +389,7 @@ def test_demo_in_process(capsys, tmp_path):
 
 def test_demo_check_fails_on_a_wrong_merge(capsys, tmp_path, monkeypatch):
     """The demo's exit status depends on its check: a merge with a wrong weight must fail it."""
-    from merger_core import engine
+    from merger_core.merge import runner as engine
 
     real = engine._Runner.key_weights
 
@@ -407,7 +407,7 @@ def test_demo_as_a_real_process(tmp_path):
                           capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "demo passed" in proc.stdout
-    assert "stable-diffusion-v1" in proc.stdout
+    assert "SD1 layout, non-standard widths" in proc.stdout
 
 
 def test_version_and_help(capsys):
@@ -424,9 +424,9 @@ def test_merge_records_output_autov3_from_the_writer(tmp_path, make_models):
     """The CLI stores the writer's tensor-data hash, so hashing the output later needs no AutoV3 pass."""
     import json as _json
 
-    from merger_core.cache import open_cache
+    from merger_core.identity.cache import open_cache
     from merger_core.cli import main as cli_main
-    from merger_core.safetensors_io import tensor_data_sha256
+    from merger_core.io.writer import tensor_data_sha256
 
     paths = make_models(2)
     manifest = tmp_path / "m.json"

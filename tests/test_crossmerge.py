@@ -12,14 +12,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import helpers
-from merger_core import bases as B
-from merger_core import crossmerge as X
-from merger_core.analyze.synth import layout_from_fingerprint, write_sparse
-from merger_core.crossmerge import CrossMergeRequest, cross_merge_to_file, cross_merge_to_state_dict, plan_cross_merge
-from merger_core.engine import _key_seed
+from merger_core.identity import bases as B
+from merger_core.merge import cross as X
+from synth import layout_from_fingerprint, write_sparse
+from merger_core.merge.cross import CrossMergeRequest, cross_merge_to_file, cross_merge_to_state_dict, plan_cross_merge
+from merger_core.merge.runner import _key_seed
 from merger_core.errors import BadFileError, IncompatibleModelsError, ManifestError
 from merger_core.methods.dare import keep_mask
-from merger_core.safetensors_io import read_header
+from merger_core.io.safetensors import read_header
 
 UNET = "model.diffusion_model."
 SD1_TE = "cond_stage_model.transformer."
@@ -262,12 +262,12 @@ def test_scale_per_block(tmp_path):
 def _no_weight_reads(monkeypatch):
     import safetensors
 
-    import merger_core.engine as engine
+    from merger_core.merge import runner as engine
 
     def boom(*a, **k):
         raise AssertionError("a weight was read")
 
-    monkeypatch.setattr(engine, "_open_inputs", boom)
+    monkeypatch.setattr(engine, "open_inputs", boom)
     monkeypatch.setattr(safetensors, "safe_open", boom)
     monkeypatch.setattr(torch, "load", boom)
 

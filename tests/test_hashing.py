@@ -11,17 +11,7 @@ import blake3
 import pytest
 
 import helpers
-from merger_core.hashing import (
-    ALGORITHMS,
-    FileHashes,
-    HashCancelled,
-    guess_hash_kind,
-    hash_bytes,
-    hash_file,
-    normalize_algorithms,
-    normalize_sha256,
-    sample_signature,
-)
+from merger_core.identity.hashing import ALGORITHMS, FileHashes, HashCancelled, guess_hash_kind, hash_bytes, hash_file, normalize_algorithms, normalize_sha256, sample_signature
 from merger_core.errors import BadFileError, ModelMergerError
 
 

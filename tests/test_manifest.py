@@ -10,21 +10,11 @@ import re
 import pytest
 
 from merger_core import methods as methods_mod
-from merger_core.engine import MergePlan, merge_to_file
+from merger_core.merge.plan import MergePlan, plan_from_manifest
+from merger_core.merge.runner import merge_to_file
 from merger_core.errors import ManifestError, OutputError
-from merger_core.manifest import (
-    SCHEMA_PATH,
-    Manifest,
-    ManifestEntry,
-    ManifestValidationError,
-    display_names,
-    load_manifest,
-    load_schema,
-    manifest_from_scan,
-    save_manifest,
-    validate,
-)
-from merger_core.scan import scan
+from merger_core.manifest.model import SCHEMA_PATH, Manifest, ManifestEntry, ManifestValidationError, display_names, load_manifest, load_schema, manifest_from_scan, save_manifest, validate
+from merger_core.manifest.scan import scan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHA = "ab" * 32
@@ -568,7 +558,7 @@ def test_to_plan_and_merge_against_float64_reference(folder, tmp_path):
             ],
         },
     )
-    plan = load_manifest(src).to_plan()
+    plan = plan_from_manifest(load_manifest(src))
     assert isinstance(plan, MergePlan)
     assert [i.path for i in plan.inputs] == paths
     assert [i.weight for i in plan.inputs] == [1.0, 2.0, 5.0]
@@ -588,22 +578,22 @@ def test_to_plan_and_merge_against_float64_reference(folder, tmp_path):
 def test_to_plan_overrides_and_validates(folder):
     d, paths = folder
     m = Manifest(models=[ManifestEntry(paths[0]), ManifestEntry(paths[1])])
-    plan = m.to_plan(device="auto", dtype="bf16")
+    plan = plan_from_manifest(m, device="auto", dtype="bf16")
     assert (plan.device, plan.dtype) == ("auto", "bf16")
     assert (m.device, m.dtype) == ("cpu", "fp16")  # the manifest itself is unchanged
     with pytest.raises(ManifestValidationError, match="device"):
-        m.to_plan(device="gpu")
+        plan_from_manifest(m, device="gpu")
     with pytest.raises(ManifestValidationError, match="file not found"):
-        Manifest(models=[ManifestEntry(paths[0]), ManifestEntry(str(d / "gone.safetensors"))]).to_plan()
+        plan_from_manifest(Manifest(models=[ManifestEntry(paths[0]), ManifestEntry(str(d / "gone.safetensors"))]))
 
 
 def test_to_plan_merge_to_state_dict_with_scan(folder):
     import torch
-    from merger_core.engine import merge_to_state_dict
+    from merger_core.merge.runner import merge_to_state_dict
 
     d, paths = folder
     m = manifest_from_scan(scan([str(d / "*.safetensors")]), weights=[3, 1], dtype="fp32")
-    sd, _ = merge_to_state_dict(m.to_plan())
+    sd, _ = merge_to_state_dict(plan_from_manifest(m))
     assert torch.allclose(sd["model.w"].double(), torch.full((4, 3), (3 * 1.0 + 1 * 2.0) / 4, dtype=torch.float64))
 
 
@@ -611,7 +601,7 @@ def test_same_file_names_get_distinct_relative_display_names(tmp_path):
     a = st(tmp_path / "x" / "one" / "model.safetensors", 1.0)
     b = st(tmp_path / "x" / "two" / "model.safetensors", 3.0)
     assert display_names([a, b]) == ["one/model.safetensors", "two/model.safetensors"]
-    plan = Manifest(models=[ManifestEntry(a), ManifestEntry(b)]).to_plan()
+    plan = plan_from_manifest(Manifest(models=[ManifestEntry(a), ManifestEntry(b)]))
     assert [i.name for i in plan.inputs] == ["one/model.safetensors", "two/model.safetensors"]
 
 
@@ -627,10 +617,10 @@ def test_base_goes_first_for_a_method_that_takes_one(folder, monkeypatch):
         def coefficients(self, weights, params):
             return [1.0] + [0.0] * (len(weights) - 1)
 
-    monkeypatch.setitem(methods_mod._REGISTRY, "test_with_base", WithBase())
+    monkeypatch.setitem(methods_mod.registry._REGISTRY, "test_with_base", WithBase())
     m = load_text(d, two({"method": "test_with_base", "base": "sub/c.safetensors"}))
     assert m.base == paths[2]
-    plan = m.to_plan()
+    plan = plan_from_manifest(m)
     assert [i.path for i in plan.inputs] == [paths[2], paths[0], paths[1]]
     assert plan.inputs[0].weight == 0.0
     assert plan.recipe == {"base_input": 0, "base": "c.safetensors"}
@@ -672,7 +662,7 @@ def test_documented_example_is_valid(tmp_path):
 def test_failed_write_leaves_target_and_folder_untouched(folder, monkeypatch):
     import errno
 
-    from merger_core import manifest as manifest_mod
+    from merger_core.manifest import model as manifest_mod
 
     d, paths = folder
     target = d / "m.json"
@@ -717,7 +707,7 @@ def test_manifest_base_goes_first_for_base_methods(tmp_path):
         "version": 1, "method": "task_arithmetic", "base": "base.safetensors", "params": {"scale": 0.5},
         "models": [{"path": "m0.safetensors"}, {"path": "m1.safetensors"}],
     }))
-    plan = load_manifest(str(tmp_path / "m.json")).to_plan()
+    plan = plan_from_manifest(load_manifest(str(tmp_path / "m.json")))
     assert [os.path.basename(i.path) for i in plan.inputs] == ["base.safetensors", "m0.safetensors", "m1.safetensors"]
     merge_to_file(plan, str(tmp_path / "out.safetensors"))
     out = load_file(str(tmp_path / "out.safetensors"))["k"].double()

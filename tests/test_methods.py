@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import helpers
-from merger_core.engine import MergeInput, MergePlan, merge_to_file, merge_to_state_dict
+from merger_core.merge.plan import MergeInput, MergePlan
+from merger_core.merge.runner import merge_to_file, merge_to_state_dict
 from merger_core.errors import ManifestError
 from merger_core.methods import get_method, list_methods
 from merger_core.methods import _common
@@ -307,7 +308,7 @@ def test_dare_masks_do_not_depend_on_slicing():
 
 
 def test_dare_reruns_are_byte_identical_and_seed_matters(tmp_path, monkeypatch):
-    import merger_core.engine as engine
+    from merger_core.merge import runner as engine
 
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 256)  # many slices per key
     paths, _ = family(tmp_path, 2, seed=1)
@@ -320,7 +321,7 @@ def test_dare_reruns_are_byte_identical_and_seed_matters(tmp_path, monkeypatch):
     assert outs[0] == outs[1] != outs[2]
     # the sliced engine run equals one whole-key call
     got = load_file(str(tmp_path / "out0.safetensors"))
-    from merger_core.engine import _key_seed
+    from merger_core.merge.runner import _key_seed
 
     for k in SHAPES:
         ts = [load_file(p)[k].float() for p in paths]
@@ -399,7 +400,7 @@ def test_kth_largest_streamed_exact(kind):
 
 # ------------------------------------------------------------------------------------------------- block weights
 
-from merger_core import blockweights as bw  # noqa: E402
+from merger_core.merge import blockweights as bw
 
 
 def test_block_list_forms_and_counts():
@@ -461,7 +462,7 @@ def test_block_weights_through_the_engine(tmp_path):
 
 
 def test_train_difference_plan_per_block_needs_a_known_architecture(tmp_path):
-    from merger_core.trainmerge import plan_train_difference
+    from merger_core.merge.train import plan_train_difference
 
     paths, _ = family(tmp_path, 2)
     plan = plan_train_difference(*paths, alpha=0.5)

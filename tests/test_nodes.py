@@ -11,6 +11,7 @@ import pytest
 
 import comfy_stub
 import helpers
+from merger_core.merge.plan import plan_from_manifest
 
 V1_TYPES = {"STRING", "INT", "FLOAT", "BOOLEAN", "MODEL", "CLIP", "VAE", "IMAGE", "MANIFEST"}
 
@@ -336,9 +337,9 @@ def test_merge_to_disk_streams_the_same_file_as_the_engine(comfy, ckpts):
     rep = helpers.check_against_reference(out, ref, bound, 3)
     assert rep.ok, rep
     # the node writes what the CLI/engine writes for the same plan
-    eng = pack.merger_core.engine
+    eng = pack.merger_core.merge.runner
     cli_out = os.path.join(host.base, "engine.safetensors")
-    eng.merge_to_file(m.to_plan(device="cpu", dtype="fp16"), cli_out)
+    eng.merge_to_file(plan_from_manifest(m, device="cpu", dtype="fp16"), cli_out)
     assert helpers.data_sha256(out) == helpers.data_sha256(cli_out)
     assert helpers.data_sha256(out) in report
     assert "checkpoints/merged_00001_.safetensors" in report
@@ -424,15 +425,17 @@ def test_short_memory_unloads_cached_models_first(comfy, ckpts, monkeypatch):
 def test_progress_text_format(comfy):
     _host, pack = comfy
     h = mod(pack, "_host")
-    info = pack.merger_core.engine.ProgressInfo(10, 40, 250_000_000, 1_000_000_000, "k", 2.0)
+    info = pack.merger_core.merge.runner.ProgressInfo(10, 40, 250_000_000, 1_000_000_000, "k", 2.0)
     text = h.progress_text(info)
     assert "key 10/40" in text and "125 MB/s" in text and "ETA 6.0 s" in text
 
 
-def test_logic_route_serves_only_plain_module_names(comfy):
+def test_browser_logic_is_served_from_the_web_directory(comfy):
+    """ComfyUI serves everything under WEB_DIRECTORY and auto-loads only *.js: the helper is a .mjs there, imported
+    relatively by the extension, and the pack needs no route of its own."""
     host, pack = comfy
-    routes = mod(pack, "routes")
-    assert routes.logic_file("toast.mjs").endswith(os.path.join("web_logic", "toast.mjs"))
-    for bad in ("../nodes/_host.py", "toast.js", "..%2Ftoast.mjs", "", "x/toast.mjs"):
-        assert routes.logic_file(bad) is None
-    assert "GET /model_merger/web_logic/{name}" in host.routes
+    web = os.path.join(comfy_stub.PACK_ROOT, pack.WEB_DIRECTORY)
+    assert os.path.isfile(os.path.join(web, "logic", "toast.mjs"))
+    with open(os.path.join(web, "model_merger.js"), encoding="utf-8") as f:
+        assert 'from "./logic/toast.mjs"' in f.read()
+    assert not any("model_merger" in r for r in host.routes)

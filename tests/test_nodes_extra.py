@@ -77,8 +77,8 @@ def test_train_difference_node_equals_the_engine_plan(comfy, ckpts):
     model, clip, vae, report = cls().merge(names[0], names[1], names[2], 0.7, "", "cpu", "fp16", "graph", "x",
                                            unique_id="2")
     got = host.loaded_state_dicts[-1]
-    tm = pack.merger_core.trainmerge
-    sd, _ = pack.merger_core.engine.merge_to_state_dict(tm.plan_train_difference(*ckpts, alpha=0.7, dtype="fp16"))
+    tm = pack.merger_core.merge.train
+    sd, _ = pack.merger_core.merge.runner.merge_to_state_dict(tm.plan_train_difference(*ckpts, alpha=0.7, dtype="fp16"))
     _equal_state_dicts(got, sd)
     assert "train difference" in report and "alpha 0.7" in report
     assert cls.VALIDATE_INPUTS(filename_prefix="../x") != True  # noqa: E712
@@ -95,7 +95,7 @@ def test_cross_arch_merge_node_with_explicit_base(comfy, ckpts):
     *_, report = cls().merge(m, "checkpoints/model-0.safetensors", "sum", 0.8, 0.2, 0.5, "delta", "base", "", 0,
                              "cpu", "fp16", "graph", "x", unique_id="5")
     got = host.loaded_state_dicts[-1]
-    cm = pack.merger_core.crossmerge
+    cm = pack.merger_core.merge.cross
     req = cm.CrossMergeRequest(models=ckpts[1:], weights=[1.0, 2.0], base=ckpts[0], combine="sum", scale=0.8)
     _cp, sd, _ = cm.cross_merge_to_state_dict(req)
     _equal_state_dicts(got, sd)
@@ -112,4 +112,4 @@ def test_bases_folder_kind_is_registered_and_used(comfy):
 
     paths = folder_paths.get_folder_paths("merge_bases")
     assert paths[0] == os.path.join(host.base, "models", "merge_bases")
-    assert pack.merger_core.bases.bases_dir(create=False) == paths[0]
+    assert pack.merger_core.identity.bases.bases_dir(create=False) == paths[0]

@@ -6,17 +6,9 @@ import os
 
 import pytest
 
-from merger_core import scan as scan_mod
+from merger_core.manifest import scan as scan_mod
 from merger_core.errors import ScanError
-from merger_core.scan import (
-    BROKEN_LINK_REASON,
-    PICKLE_REASON,
-    ScanResult,
-    common_folder,
-    escape,
-    scan,
-    scan_folder,
-)
+from merger_core.manifest.scan import BROKEN_LINK_REASON, PICKLE_REASON, ScanResult, common_folder, escape, scan, scan_folder
 
 
 def st(path) -> str:

@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-from .. import __version__
+from ..version import __version__
 from ..errors import ModelMergerError
 
 COMMANDS = [

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Optional, TextIO
 
-from ..notify import notify_done
+from ..host.notify import notify_done
 
 DEFAULT_NOTIFY_AFTER = 30.0
 

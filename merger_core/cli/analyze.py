@@ -43,9 +43,9 @@ def expand(items):
 
 
 def run(args) -> int:
-    from ..analyze import check_compatibility, detect
-    from ..analyze.report import (compat_image, detection_image, render_detection, render_detections,
-                                  stack_images)
+    from ..arch import check_compatibility, detect
+    from ..report.images import compat_image, detection_image, stack_images
+    from ..report.text import render_compat, render_detection, render_detections
 
     files = expand(args.files)
     if not files:
@@ -75,7 +75,7 @@ def run(args) -> int:
             print("\n\n".join(blocks))
         if rep is not None:
             print("\n== compatibility")
-            print(rep.describe())
+            print(render_compat(rep))
     for f, e in errors:
         print(f"error: {e}", file=sys.stderr)
     if args.image and dets:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .. import bases as B
+from ..identity import bases as B
 from ._progress import human_bytes
 
 NAME = "bases"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from ..crossmerge import CrossMergeRequest, plan_cross_merge
-from ..engine import merge_to_file, prepare
+from ..merge.cross import CrossMergeRequest, plan_cross_merge
+from ..merge.runner import merge_to_file
+from ..merge.plan import prepare
 from ..errors import ManifestError
 from ._progress import ProgressBar, human_bytes
 

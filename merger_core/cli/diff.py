@@ -24,8 +24,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..analyze import diff_models
-    from ..analyze.report import diff_heatmap, render_diff
+    from ..arch import diff_models
+    from ..report.images import diff_heatmap
+    from ..report.text import render_diff
 
     bar = None
 

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from ..hashing import ALGORITHMS, normalize_algorithms
+from ..identity.hashing import ALGORITHMS, normalize_algorithms
 
 NAME = "hash"
 HELP = "hash model files (SHA256, AutoV2, AutoV1, AutoV3, CRC32, BLAKE3) in one read, with a cache"
@@ -53,7 +53,7 @@ def run(args) -> int:
     algos = normalize_algorithms(args.algo)
     cache = None
     if not args.no_cache:
-        from ..cache import open_cache
+        from ..identity.cache import open_cache
 
         cache = open_cache()
     rows = []
@@ -63,7 +63,7 @@ def run(args) -> int:
             if cache is not None:
                 h = cache.hashes(path, algos, progress=cb)
             else:
-                from ..hashing import hash_file
+                from ..identity.hashing import hash_file
 
                 h = hash_file(path, algos, progress=cb)
         finally:

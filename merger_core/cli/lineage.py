@@ -25,11 +25,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..analyze import detect, rank_bases
+    from ..arch import detect, rank_bases
 
     bases = list(args.bases)
     if not bases:
-        from ..bases import list_bases
+        from ..identity.bases import list_bases
 
         det = detect(args.model, read_probe=False)
         bases = [b.path for b in list_bases() if b.exists and b.family == det.family and os.path.abspath(b.path) != os.path.abspath(args.model)]

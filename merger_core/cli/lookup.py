@@ -35,9 +35,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..cache import open_cache
-    from ..civitai import format_result, lookup_files, lookup_hashes
-    from ..hashing import FileHashes, normalize_sha256
+    from ..identity.cache import open_cache
+    from ..identity.civitai import format_result, lookup_files, lookup_hashes
+    from ..identity.hashing import FileHashes, normalize_sha256
 
     key = os.environ.get(args.api_key_env, "").strip() or None
     cache = open_cache()

@@ -37,8 +37,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..engine import merge_to_file, prepare
-    from ..manifest import load_manifest
+    from ..merge.runner import merge_to_file
+    from ..merge.plan import plan_from_manifest, prepare
+    from ..manifest.model import load_manifest
 
     out = sys.stdout
     notifier = RunNotifier(args.notify, args.notify_after)
@@ -54,7 +55,7 @@ def run(args) -> int:
             overrides["dtype"] = args.dtype
         if args.allow_missing:
             overrides["allow_missing"] = True
-        plan = manifest.to_plan(**overrides)
+        plan = plan_from_manifest(manifest, **overrides)
         try:
             prep = prepare(plan)
         except IncompatibleModelsError as exc:
@@ -67,13 +68,13 @@ def run(args) -> int:
     except ModelMergerError as exc:
         notifier.finish(False, f"{os.path.basename(output)}: {exc}")
         raise
-    from ..cache import remember_written_file
+    from ..identity.cache import remember_written_file
 
     remember_written_file(result.output, result.tensor_sha256)  # AutoV3 of the output, from the writer
     rate = result.output_bytes / result.seconds / 2**20 if result.seconds > 0 else 0.0
     print(f"wrote {result.output} ({human_bytes(result.output_bytes)}, {result.keys} tensors) "
           f"in {result.seconds:.1f} s ({rate:.0f} MiB/s)", file=out)
-    print(f"architecture: {result.architecture}; tensor data sha256: {result.tensor_sha256}", file=out)
+    print(f"architecture: {result.structure} (modelspec {result.architecture}); tensor data sha256: {result.tensor_sha256}", file=out)
     notifier.finish(True, f"{os.path.basename(output)} written in {notifier.elapsed():.0f} s")
     return 0
 
@@ -87,10 +88,10 @@ def _describe(out, plan, prep, output: str) -> None:
     for n, w in zip(names, weights):
         shown = f"{w / total:.4g}" + (f" (weight {w:g})" if w != w / total else "") if norm else f"{w:g}"
         print(f"  {shown:>18}  {n}", file=out)
-    from ..devices import resolve_device
+    from ..merge.device import resolve_device
 
     print(f"{len(prep.jobs)} tensors, {human_bytes(prep.input_bytes)} in, {human_bytes(prep.output_bytes)} out; "
-          f"dtype {plan.dtype}, device {resolve_device(plan.device)}; architecture {prep.architecture}", file=out)
+          f"dtype {plan.dtype}, device {resolve_device(plan.device)}; architecture {prep.structure}", file=out)
     compat = prep.compat
     if compat is not None:
         est = compat.estimates

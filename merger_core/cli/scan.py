@@ -71,8 +71,8 @@ def parse_weights(tokens: Optional[List[str]]) -> Union[None, List[float], Dict[
 
 
 def run(args) -> int:
-    from ..manifest import manifest_from_scan, save_manifest
-    from ..scan import scan
+    from ..manifest.model import manifest_from_scan, save_manifest
+    from ..manifest.scan import scan
 
     out = sys.stdout
     result = scan(args.patterns, args.filter, recursive=args.recursive)
@@ -92,7 +92,7 @@ def run(args) -> int:
     fields = {k: v for k, v in (("method", args.method), ("dtype", args.dtype), ("device", args.device)) if v is not None}
     manifest = manifest_from_scan(result, weights=parse_weights(args.weights), **fields)
     if getattr(args, "civitai", False) and manifest.models:
-        from ..civitai import enrich_manifest
+        from ..identity.civitai import enrich_manifest
 
         print(f"hashing {len(manifest.models)} model(s) (cached) and looking them up on CivitAI"
               + (" (offline: local cache only)" if args.offline else ""), file=sys.stderr)

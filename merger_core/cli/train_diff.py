@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from ..engine import merge_to_file, prepare
-from ..trainmerge import plan_difference
+from ..merge.runner import merge_to_file
+from ..merge.plan import prepare
+from ..merge.train import plan_difference
 from ._progress import ProgressBar, human_bytes
 
 NAME = "train-diff"

@@ -1,6 +1,6 @@
 """Add difference: ``A + alpha * (B - C)``. Linear, so the engine streams it like a weighted sum."""
 
-from . import MergeMethod, Param, register
+from .registry import MergeMethod, Param, register
 
 
 class AddDifference(MergeMethod):

@@ -9,7 +9,7 @@ drawn from a ``torch.Generator`` seeded from (the merge seed and key, ``i``, ``j
 identical bytes on every run, whatever the slice size or device.
 """
 
-from . import MergeMethod, Param, register
+from .registry import MergeMethod, Param, register
 from ._common import f32, run_slices
 
 BLOCK = 1 << 14
@@ -87,10 +87,6 @@ class Dare(MergeMethod):
     memory_note = "element-wise: the fp32 result of a 4 MiB engine chunk, its random draws (4 MiB per model), 128 KiB slices"
 
     def merge_tensor(self, tensors, weights, params, ctx):
-        if not ctx.sources or ctx.sources[0] != 0:
-            from .ties import raise_no_base
-
-            raise_no_base(self.name, ctx)
         return dare_merge(
             tensors, weights, float(params["drop"]), float(params["scale"]), ctx.seed, list(ctx.sources), ctx.offset
         )

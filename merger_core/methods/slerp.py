@@ -8,7 +8,7 @@ anti-parallel (``|cos w| > 0.9995``) or one is zero, the angle is ill-defined an
 
 import math
 
-from . import MergeMethod, Param, register
+from .registry import MergeMethod, Param, register
 from ._common import f32, flat, slices
 
 PARALLEL = 0.9995

@@ -5,7 +5,7 @@ model's difference. It is linear (coefficients ``1 - scale*sum(w)`` for the base
 so the engine streams it like a weighted sum. This is cross-merge's ``--combine sum``.
 """
 
-from . import MergeMethod, Param, register
+from .registry import MergeMethod, Param, register
 
 
 class TaskArithmetic(MergeMethod):

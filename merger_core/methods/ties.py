@@ -10,7 +10,7 @@ differences that agree with it (non-zero, same sign) are averaged with weights `
 
 import math
 
-from . import MergeMethod, Param, register
+from .registry import MergeMethod, Param, register
 from ._common import f32, flat, kth_largest_streamed, run_slices
 
 SAMPLE = 1 << 16  # elements sampled (strided) to bracket each threshold
@@ -92,15 +92,7 @@ class Ties(MergeMethod):
     )
 
     def merge_tensor(self, tensors, weights, params, ctx):
-        if not ctx.sources or ctx.sources[0] != 0:
-            raise_no_base(self.name, ctx)
         return ties_merge(tensors, weights, float(params["density"]), float(params["scale"]))
-
-
-def raise_no_base(method, ctx):
-    from ...errors import IncompatibleModelsError
-
-    raise IncompatibleModelsError(f"{ctx.key}: the base (first input) lacks this key, so {method} has no difference to take")
 
 
 register(Ties())

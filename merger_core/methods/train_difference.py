@@ -5,7 +5,7 @@ its denominator is 0. Where B equals C the result is A. It adds B's change over 
 already far from B, so a fine-tune's training is transferred rather than its absolute weights.
 """
 
-from . import MergeMethod, Param, register
+from .registry import MergeMethod, Param, register
 from ._common import f32, run_slices
 
 SCALE = 1.8

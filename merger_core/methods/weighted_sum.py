@@ -1,6 +1,6 @@
 """Weighted sum of N models: ``sum_i w_i * M_i``; the engine normalises the weights to 1 unless told not to."""
 
-from . import MergeMethod, register
+from .registry import MergeMethod, register
 
 
 class WeightedSum(MergeMethod):

@@ -1,7 +1,7 @@
 // node --test tests/js/
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { DEFAULTS, normalizeSettings, shouldNotify, toastFor } from "../../web_logic/toast.mjs";
+import { DEFAULTS, normalizeSettings, shouldNotify, toastFor } from "../../web/js/logic/toast.mjs";
 
 test("defaults: long runs only, 30 s", () => {
   assert.deepEqual(normalizeSettings({}), { mode: "long runs only", minSeconds: 30 });

@@ -1,14 +1,9 @@
 // Model Merger browser extension (thin): pack settings and a toast when a merge ends.
-// The logic lives in web_logic/toast.mjs (tested with node --test), served by the pack's own route.
+// The logic lives in ./logic/toast.mjs (tested with node --test); ComfyUI serves everything under WEB_DIRECTORY
+// and auto-loads only the .js files, so the .mjs helpers are imported from here.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-
-const logicUrl = new URL("../../model_merger/web_logic/toast.mjs", import.meta.url);
-let logic = null;
-async function getLogic() {
-  if (!logic) logic = await import(logicUrl.href);
-  return logic;
-}
+import * as logic from "./logic/toast.mjs";
 
 function readSetting(id, fallback) {
   try {
@@ -49,7 +44,7 @@ app.registerExtension({
   async setup() {
     api.addEventListener("model_merger.done", async (e) => {
       try {
-        const l = await getLogic();
+        const l = logic;
         const settings = {
           mode: readSetting(l.SETTING_MODE, l.DEFAULTS.mode),
           minSeconds: readSetting(l.SETTING_MIN_SECONDS, l.DEFAULTS.minSeconds),

@@ -1,0 +1,162 @@
+"""Reading the inputs' tensors during a merge: memory-mapped views (``safetensors.safe_open``), read-ahead of the
+coming byte ranges, and unmapping of pages once a key is merged.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from contextlib import ExitStack
+from typing import List, Sequence, Tuple
+
+from ..errors import BadFileError
+from .safetensors import SafetensorsHeader
+
+PREFETCH_BYTES = 512 * 1024 * 1024  # how far ahead of the arithmetic the kernel is asked to read
+
+
+def _readahead_bytes(path: str) -> int:
+    """The kernel's read-ahead window for the device holding ``path`` (what one WILLNEED reads), default 128 KiB."""
+    try:
+        dev = os.stat(path).st_dev
+        base = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+        for candidate in (f"{base}/queue/read_ahead_kb", f"{base}/../queue/read_ahead_kb"):
+            if os.path.exists(candidate):
+                with open(candidate) as f:
+                    kb = int(f.read().strip())
+                if kb > 0:
+                    return kb * 1024
+    except (OSError, ValueError):
+        pass
+    return 128 * 1024
+
+
+class Prefetcher:
+    """Asks the kernel to read the coming keys' byte ranges (posix_fadvise WILLNEED) ahead of the arithmetic."""
+
+    def __init__(self, paths: Sequence[str], ranges: List[List[Tuple[int, int, int]]]):
+        """``ranges[k]``: the byte ranges key ``k`` reads, as (input index, file offset, length)."""
+        self.ranges = ranges
+        self.paths = list(paths)
+        self.position = 0
+        self.cond = threading.Condition()
+        self.stop = False
+        self.thread = None
+        if hasattr(os, "posix_fadvise"):
+            self.thread = threading.Thread(target=self._run, name="model-merger-readahead", daemon=True)
+            self.thread.start()
+
+    def advance(self, index: int):
+        with self.cond:
+            self.position = index
+            self.cond.notify()
+
+    def _run(self):
+        fds = []
+        try:
+            fds = [os.open(p, os.O_RDONLY) for p in self.paths]
+            step = _readahead_bytes(self.paths[0])
+            ahead = 0  # bytes requested beyond the current position
+            nxt = 0
+            done_bytes = [sum(n for _, _, n in r) for r in self.ranges]
+            while nxt < len(self.ranges):
+                with self.cond:
+                    while not self.stop and nxt > self.position and ahead > PREFETCH_BYTES:
+                        self.cond.wait(0.5)
+                        ahead = sum(done_bytes[self.position : nxt])
+                    if self.stop:
+                        return
+                for i, off, n in self.ranges[nxt]:
+                    # One WILLNEED reads at most the device's read-ahead window: ask in steps of it.
+                    for o in range(off, off + n, step):
+                        os.posix_fadvise(fds[i], o, min(step, off + n - o), os.POSIX_FADV_WILLNEED)
+                ahead += done_bytes[nxt]
+                nxt += 1
+        except OSError:
+            return  # read-ahead is only a hint
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def close(self):
+        with self.cond:
+            self.stop = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join()
+
+
+class Unmapper:
+    """Unmaps the pages of input tensors once their key is merged (Linux ``madvise(MADV_DONTNEED)``).
+
+    ``safe_open`` hands out views of a private, read-only-in-practice mapping of each input. Without this, every
+    page read stays mapped until the files are closed, so the process's RSS grows to the size of all inputs (page
+    cache, not private memory, but it is what task managers show and what an RSS limit counts). The pages stay in
+    the page cache; only this process's mapping of them goes. A view is released only if it lies entirely inside
+    a mapping of one of the input files (from ``/proc/self/maps``): anything else is left alone.
+    """
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = {os.path.realpath(p) for p in paths}
+        self.regions: List[Tuple[int, int]] = []
+        self.madvise = None
+        if not sys.platform.startswith("linux"):
+            return
+        try:
+            import ctypes
+            import mmap
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            self.madvise = libc.madvise
+            self.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            self.page = mmap.PAGESIZE
+            self.flag = getattr(mmap, "MADV_DONTNEED", 4)
+        except (OSError, AttributeError):
+            self.madvise = None
+
+    def _load_regions(self) -> None:
+        regions = []
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    parts = line.split(None, 5)
+                    if len(parts) == 6 and parts[5].strip() in self.paths:
+                        lo, hi = parts[0].split("-")
+                        regions.append((int(lo, 16), int(hi, 16)))
+        except OSError:
+            pass
+        self.regions = regions
+
+    def _inside(self, lo: int, hi: int) -> bool:
+        return any(a <= lo and hi <= b for a, b in self.regions)
+
+    def release(self, views) -> None:
+        if self.madvise is None:
+            return
+        for t in views:
+            n = t.numel() * t.element_size()
+            if n < self.page:
+                continue
+            ptr = t.data_ptr()
+            lo = ptr - ptr % self.page
+            hi = -(-(ptr + n) // self.page) * self.page
+            if not self._inside(lo, hi):
+                self._load_regions()  # a file may have been mapped since the last look
+                if not self._inside(lo, hi):
+                    continue
+            self.madvise(lo, hi - lo, self.flag)
+
+
+def open_inputs(stack: ExitStack, headers: Sequence[SafetensorsHeader]):
+    from safetensors import safe_open
+
+    handles = []
+    for h in headers:
+        try:
+            handles.append(stack.enter_context(safe_open(h.path, framework="pt", device="cpu")))
+        except Exception as exc:  # safetensors raises its own error types
+            raise BadFileError(f"{os.path.basename(h.path)}: cannot be opened as safetensors ({exc})") from exc
+    return handles
+
+

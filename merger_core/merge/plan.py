@@ -1,0 +1,224 @@
+"""Merge plans: what to merge (:class:`MergePlan`), and :func:`prepare`, which turns a plan into per-key jobs.
+
+``prepare`` reads each input's header once, runs the one compatibility pass over them (Analyze Structure's
+per-component check, which also holds the whole-file key and shape comparison that gates the merge), checks the
+method's typed inputs (a base-taking method's base must have every merged key) and decides for every key whether
+it is merged, copied from one input or refused. No weight is read.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from .. import methods as _methods
+from ..arch.compat import CompatReport, check_headers
+from ..arch.detect import modelspec_architecture
+from ..arch.keys import KeyReport, compare_keys
+from ..errors import IncompatibleModelsError, ManifestError, ModelMergerError
+from ..io.safetensors import DTYPE_SIZES, MARKER_KEYS, SafetensorsHeader, read_header
+from ..io.writer import OutTensor
+from ..report.text import render_compat
+
+OUTPUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32", "keep": None}
+
+
+@dataclass
+class MergeInput:
+    path: str
+    weight: float = 1.0
+    name: str = ""
+    sha256: Optional[str] = None  # full-file SHA-256 when known (manifest, hash cache): recorded in the recipe
+
+    def display_name(self) -> str:
+        return self.name or os.path.basename(self.path)
+
+
+@dataclass
+class MergePlan:
+    """Everything a merge needs. ``key_params`` and ``key_source`` let callers vary a merge per key:
+
+    * ``key_params(key) -> dict``: parameter values for this key (block weights), overriding ``params``.
+    * ``key_source(key) -> int | None``: copy this key from input ``i`` instead of merging it (a text encoder or
+      VAE taken from one model). ``None`` merges the key.
+    * ``key_weights(key) -> list[float] | None``: per-input weights for this key (block-weighted sums).
+    """
+
+    inputs: List[MergeInput]
+    method: str = "weighted_sum"
+    params: Dict[str, object] = field(default_factory=dict)
+    normalize: bool = True
+    dtype: str = "fp16"
+    device: str = "cpu"
+    allow_missing: bool = False
+    seed: int = 0
+    title: Optional[str] = None
+    key_params: Optional[Callable[[str], Dict[str, float]]] = None
+    key_source: Optional[Callable[[str], Optional[int]]] = None
+    key_weights: Optional[Callable[[str], Optional[Sequence[float]]]] = None
+    recipe: Dict[str, object] = field(default_factory=dict)  # extra recipe facts for the metadata
+
+
+@dataclass
+class KeyJob:
+    name: str
+    shape: Tuple[int, ...]
+    out_dtype: str
+    sources: List[int]  # inputs that have this key, in input order
+    copy_from: Optional[int] = None  # copy exactly (or cast) from this input instead of merging
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES[self.out_dtype]
+
+
+@dataclass
+class PreparedMerge:
+    plan: MergePlan
+    headers: List[SafetensorsHeader]
+    jobs: List[KeyJob]
+    method: "_methods.MergeMethod"
+    params: Dict[str, object]
+    key_report: KeyReport
+    architecture: str  # the ModelSpec label of the first input's structure ("unknown" when not recognised)
+    structure: str = "unknown"  # the same in words (e.g. "SDXL base", "SD1 layout, non-standard widths")
+    notes: List[str] = field(default_factory=list)
+    compat: Optional[CompatReport] = None  # per-component check and resource estimates
+
+    @property
+    def out_tensors(self) -> List[OutTensor]:
+        return [OutTensor(j.name, j.out_dtype, j.shape) for j in self.jobs]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(j.out_nbytes for j in self.jobs)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(h.data_bytes for h in self.headers)
+
+    @property
+    def largest_numel(self) -> int:
+        return max((j.numel for j in self.jobs), default=0)
+
+
+def prepare(plan: MergePlan, headers: Optional[Sequence[SafetensorsHeader]] = None) -> PreparedMerge:
+    """Check the plan and the inputs' keys and shapes; no weight is read. ``headers`` (in input order) saves
+    reading them again where a caller (cross-merge) has read them already."""
+    method = _methods.get_method(plan.method)
+    method.check_inputs(len(plan.inputs))
+    params = method.check_params(dict(plan.params))
+    if plan.dtype not in OUTPUT_DTYPES:
+        raise ManifestError(f"output dtype {plan.dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
+    weights = [i.weight for i in plan.inputs]
+    for i, w in zip(plan.inputs, weights):
+        if not isinstance(w, (int, float)) or w != w or math.isinf(w):
+            raise ManifestError(f"{i.display_name()}: weight {w!r} is not a finite number")
+    if method.uses_weights and plan.normalize and sum(weights) == 0:
+        raise ManifestError("the weights sum to 0, so they cannot be normalised")
+    headers = list(headers) if headers is not None else [read_header(i.path) for i in plan.inputs]
+    names = [i.display_name() for i in plan.inputs]
+    compat = _structure_check(plan, headers, names)
+    report = compat.keys if compat is not None else compare_keys(headers, names)
+    if report.shape_mismatch or (report.missing and not plan.allow_missing):
+        hint = "" if report.shape_mismatch else "\n(use --allow-missing to merge each key over the models that have it)"
+        structure = "" if compat is None else "\n\nstructure (Analyze Structure):\n" + render_compat(compat)
+        raise IncompatibleModelsError(
+            "the models cannot be merged key by key:\n" + report.describe() + hint + structure, report
+        )
+    all_keys = sorted({k for h in headers for k in h.tensors})
+    kinds = method.input_kinds(len(plan.inputs))
+    base = kinds.index("base") if "base" in kinds else None
+    jobs: List[KeyJob] = []
+    notes: List[str] = []
+    if report.missing:
+        notes.append("merged with missing keys: " + report.describe())
+    for key in all_keys:
+        sources = [i for i, h in enumerate(headers) if key in h.tensors]
+        first = headers[sources[0]].tensors[key]
+        copy_from = None
+        if not first.is_float or key in MARKER_KEYS:
+            copy_from = sources[0]
+        elif plan.key_source is not None:
+            chosen = plan.key_source(key)
+            if chosen is not None:
+                if chosen not in sources:
+                    raise IncompatibleModelsError(f"{key} is taken from {names[chosen]}, which does not have it")
+                copy_from = chosen
+        if copy_from is None and base is not None and base not in sources:
+            raise IncompatibleModelsError(
+                f"{key}: the base ({names[base]}) lacks this key, so {method.name} has no difference to take for it "
+                "(give a base that has every key, or take this key from one model)"
+            )
+        if copy_from is not None and not headers[copy_from].tensors[key].is_float:
+            out_dtype = headers[copy_from].tensors[key].dtype
+        else:
+            out_dtype = OUTPUT_DTYPES[plan.dtype] or headers[copy_from if copy_from is not None else sources[0]].tensors[key].dtype
+        if copy_from is None and len(sources) < method.min_inputs:
+            if method.roles:  # a role-bound method cannot merge a key some roles lack: keep the first model's
+                copy_from = sources[0]
+                notes.append(f"{key}: only in {len(sources)} model(s); copied from {names[sources[0]]}")
+        jobs.append(KeyJob(key, first.shape, out_dtype, sources, copy_from))
+    det = compat.detections[0] if compat is not None else None
+    arch = modelspec_architecture(det) if det is not None else "unknown"
+    structure = det.arch_name if det is not None else "unknown"
+    return PreparedMerge(plan, headers, jobs, method, params, report, arch, structure, notes, compat)
+
+
+def _structure_check(plan: MergePlan, headers, names) -> Optional[CompatReport]:
+    """The one compatibility pass (headers only), or None where it cannot run.
+
+    It explains a refusal per component (UNet, text encoders, VAE) and estimates memory and disk; its whole-file
+    key comparison is the merge's gate, so ``allow_missing`` keeps its meaning.
+    """
+    try:
+        return check_headers(headers, device=plan.device, out_dtype=plan.dtype, names=names)
+    except ModelMergerError:
+        return None
+
+
+def plan_from_manifest(manifest, *, check_files: bool = True, **overrides) -> MergePlan:
+    """Validate a :class:`~merger_core.manifest.Manifest` and turn it into a :class:`MergePlan`.
+
+    ``overrides`` replace manifest fields first (``device="cuda:0"``, ``dtype="bf16"`` from a command line).
+    A method that takes a base model (``takes_base = True`` on the method) gets the base as input 0 with
+    weight 0; ``plan.recipe["base_input"]`` is then 0.
+    """
+    import dataclasses
+
+    from ..manifest.model import display_names, validate
+
+    m = dataclasses.replace(manifest, **overrides) if overrides else manifest
+    validate(m, check_files=check_files)
+    method = _methods.get_method(m.method)
+    paths = [e.path for e in m.models]
+    recipe: Dict[str, object] = {}
+    if m.base is not None and method.takes_base:
+        paths = [m.base] + paths
+    names = display_names(paths)
+    inputs = []
+    offset = len(paths) - len(m.models)
+    if offset:
+        inputs.append(MergeInput(path=m.base, weight=0.0, name=names[0]))
+        recipe["base_input"] = 0
+        recipe["base"] = names[0]
+    for e, name in zip(m.models, names[offset:]):
+        inputs.append(MergeInput(path=e.path, weight=float(e.weight), name=name, sha256=e.sha256))
+    return MergePlan(
+        inputs=inputs,
+        method=m.method,
+        params=dict(m.params),
+        normalize=m.normalize,
+        dtype=m.dtype,
+        device=m.device,
+        allow_missing=m.allow_missing,
+        seed=m.seed,
+        title=m.title,
+        recipe=recipe,
+    )
