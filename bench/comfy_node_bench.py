@@ -166,7 +166,8 @@ def main(argv=None) -> int:
                 return 0
 
             # merge to disk: node vs CLI, alternating, same inputs, same output folder
-            from merger_core.manifest.model import manifest_from_scan, save_manifest
+            from merger_core.manifest.scan import manifest_from_scan
+            from merger_core.manifest.parse import save_manifest
 
             manifest = os.path.join(work, "manifest.json")
             save_manifest(manifest_from_scan(files, dtype="fp16"), manifest)

@@ -11,7 +11,9 @@ from .errors import (  # noqa: F401
 )
 from .io.safetensors import SafetensorsHeader, TensorInfo, read_header  # noqa: F401
 from .io.writer import StreamingWriter  # noqa: F401
-from .manifest.model import Manifest, ManifestEntry, load_manifest, manifest_from_scan, save_manifest  # noqa: F401
+from .manifest.model import Manifest, ManifestEntry
+from .manifest.parse import load_manifest, save_manifest
+from .manifest.scan import manifest_from_scan
 from .manifest.scan import ScanResult, scan_folder  # noqa: F401
 from .merge.device import available_devices, resolve_device  # noqa: F401
 from .merge.plan import MergeInput, MergePlan, plan_from_manifest, prepare  # noqa: F401

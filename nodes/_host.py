@@ -16,6 +16,7 @@ import comfy.utils
 import folder_paths
 
 from ..merger_core.errors import ModelMergerError, OutputError, ScanError
+from ..merger_core.units import human_bytes, human_seconds, mem_available  # noqa: F401  (host.human_* for the nodes)
 
 log = logging.getLogger("model_merger")
 
@@ -214,25 +215,6 @@ def send_event(data: dict, event: str = DONE_EVENT) -> None:
         log.debug("send_sync failed: %s", exc)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000.0
-    return f"{n} B"
-
-
-def human_seconds(s: float) -> str:
-    s = max(0.0, float(s))
-    if s < 60:
-        return f"{s:.1f} s"
-    m, s = divmod(int(round(s)), 60)
-    if m < 60:
-        return f"{m} min {s:02d} s"
-    h, m = divmod(m, 60)
-    return f"{h} h {m:02d} min"
-
-
 def progress_text(info, label: str = "merging") -> str:
     """One line for the node: key count, MB/s and ETA (``info`` is an engine ProgressInfo)."""
     elapsed = max(info.elapsed, 1e-6)
@@ -295,20 +277,13 @@ class KeyProgress(NodeProgress):
 
 
 def available_ram() -> Optional[int]:
+    """Bytes of RAM available: psutil where ComfyUI has it, else the engine's reader."""
     try:
         import psutil
 
         return int(psutil.virtual_memory().available)
     except Exception:
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+        return mem_available()
 
 
 def make_room(needed_bytes: int) -> Optional[str]:

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 
-from ..merger_core.manifest import model as mf
+from ..merger_core import manifest as mf
 from ..merger_core.manifest import scan as sc
 from ..merger_core.errors import ManifestError
 from . import _host as host
@@ -38,7 +38,7 @@ def describe_manifest(m: "mf.Manifest", extra_lines=()) -> str:
 def manifest_fingerprint(m: "mf.Manifest") -> str:
     """Content of the manifest plus each input's size and mtime: what IS_CHANGED reports."""
     sig = {
-        "manifest": m.to_dict(),
+        "manifest": mf.manifest_to_dict(m),
         "files": host.file_signature([e.path for e in m.models] + ([m.base] if m.base else [])),
     }
     return hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()
@@ -211,7 +211,7 @@ class LoadManifest:
                     if found:
                         entry.path = os.path.abspath(found)
         check_manifest_paths(m)
-        m.validate()
+        mf.validate(m)
         return m
 
     def load(self, manifest_file=PASTED, manifest_json=""):

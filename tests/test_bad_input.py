@@ -223,7 +223,7 @@ def test_bad_weights(setup, weights, words):
 
 
 def test_manifest_rejects_bad_weights(setup, tmp_path):
-    from merger_core.manifest.model import load_manifest
+    from merger_core.manifest.parse import load_manifest
 
     p = tmp_path / "m.json"
     for w1, words in (("NaN", "must be a finite number"), ("Infinity", "must be a finite number"),

@@ -13,7 +13,11 @@ from merger_core import methods as methods_mod
 from merger_core.merge.plan import MergePlan, plan_from_manifest
 from merger_core.merge.runner import merge_to_file
 from merger_core.errors import ManifestError, OutputError
-from merger_core.manifest.model import SCHEMA_PATH, Manifest, ManifestEntry, ManifestValidationError, display_names, load_manifest, load_schema, manifest_from_scan, save_manifest, validate
+from merger_core.manifest.schema import SCHEMA_PATH, load_schema
+from merger_core.manifest.model import Manifest, ManifestEntry, ManifestValidationError, display_names
+from merger_core.manifest.parse import load_manifest, manifest_to_json, save_manifest
+from merger_core.manifest.scan import manifest_from_scan
+from merger_core.manifest.validate import validate
 from merger_core.manifest.scan import scan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -656,13 +660,13 @@ def test_documented_example_is_valid(tmp_path):
     for e in m.models:
         st(e.path)
     validate(m)
-    assert m.to_json(relative_to=str(tmp_path)) == example
+    assert manifest_to_json(m, relative_to=str(tmp_path)) == example
 
 
 def test_failed_write_leaves_target_and_folder_untouched(folder, monkeypatch):
     import errno
 
-    from merger_core.manifest import model as manifest_mod
+    from merger_core.manifest import parse as manifest_mod
 
     d, paths = folder
     target = d / "m.json"

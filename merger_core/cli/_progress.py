@@ -75,11 +75,3 @@ class RunNotifier:
         title = "Model Merger: merge finished" if ok else "Model Merger: merge failed"
         self.sent = notify_done(title, message, stream=self.stream)
         return self.sent
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"

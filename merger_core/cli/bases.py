@@ -6,7 +6,7 @@ import json
 import sys
 
 from ..identity import bases as B
-from ._progress import human_bytes
+from ..units import human_bytes
 
 NAME = "bases"
 HELP = "list, add, remove or download base models for cross-merges"

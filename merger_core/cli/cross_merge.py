@@ -8,7 +8,8 @@ from ..merge.cross import CrossMergeRequest, plan_cross_merge
 from ..merge.runner import merge_to_file
 from ..merge.plan import prepare
 from ..errors import ManifestError
-from ._progress import ProgressBar, human_bytes
+from ..units import human_bytes
+from ._progress import ProgressBar
 
 NAME = "cross-merge"
 HELP = "merge models of different lineages over their common base: base + L * combine(M_i - base)"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-from ._progress import ProgressBar, human_bytes
+from ..units import human_bytes
+from ._progress import ProgressBar
 
 NAME = "demo"
 HELP = "build three small SD1.5 checkpoints, scan, merge and check the result (no download)"

@@ -6,7 +6,8 @@ import os
 import sys
 
 from ..errors import IncompatibleModelsError, ModelMergerError
-from ._progress import DEFAULT_NOTIFY_AFTER, ProgressBar, RunNotifier, human_bytes
+from ..units import human_bytes
+from ._progress import DEFAULT_NOTIFY_AFTER, ProgressBar, RunNotifier
 
 NAME = "merge"
 HELP = "merge the models listed in a manifest into one .safetensors file"
@@ -39,7 +40,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..merge.runner import merge_to_file
     from ..merge.plan import plan_from_manifest, prepare
-    from ..manifest.model import load_manifest
+    from ..manifest.parse import load_manifest
 
     out = sys.stdout
     notifier = RunNotifier(args.notify, args.notify_after)

@@ -7,7 +7,7 @@ import sys
 from typing import Dict, List, Optional, Union
 
 from ..errors import ManifestError, OutputError
-from ._progress import human_bytes
+from ..units import human_bytes
 
 NAME = "scan"
 HELP = "find .safetensors models (folders, glob patterns) and write a manifest"
@@ -71,7 +71,8 @@ def parse_weights(tokens: Optional[List[str]]) -> Union[None, List[float], Dict[
 
 
 def run(args) -> int:
-    from ..manifest.model import manifest_from_scan, save_manifest
+    from ..manifest.scan import manifest_from_scan
+    from ..manifest.parse import save_manifest
     from ..manifest.scan import scan
 
     out = sys.stdout

@@ -7,7 +7,8 @@ import sys
 from ..merge.runner import merge_to_file
 from ..merge.plan import prepare
 from ..merge.train import plan_difference
-from ._progress import ProgressBar, human_bytes
+from ..units import human_bytes
+from ._progress import ProgressBar
 
 NAME = "train-diff"
 HELP = "A + train difference of (B - C): transfer what B learned over C onto A"

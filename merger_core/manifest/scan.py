@@ -31,9 +31,10 @@ import glob
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ..errors import ScanError
+from ..errors import ManifestError, ScanError
+from .model import Manifest, ManifestEntry
 
 MODEL_EXTENSION = ".safetensors"
 DEFAULT_FILTER = "*" + MODEL_EXTENSION
@@ -421,3 +422,35 @@ def scan_folder(
     if not walk.found and not allow_empty:
         raise ScanError(_no_match_message(shown, walk, set(), None))
     return _result(walk, [shown])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building from a scan
+
+
+def manifest_from_scan(
+    scan_result,
+    weights: Optional[Union[Sequence[float], Mapping[str, float]]] = None,
+    **fields: Any,
+) -> Manifest:
+    """A manifest over the matches of a :class:`~merger_core.scan.ScanResult` (or a list of paths).
+
+    ``weights``: ``None`` gives every model weight 1.0 (equal weights); a sequence gives one weight per match in
+    order; a mapping gives weights by full path or file name (unnamed models get 1.0). ``fields`` set other
+    manifest fields (``method``, ``dtype``...).
+    """
+    paths = list(getattr(scan_result, "matches", scan_result))
+    paths = [os.path.abspath(os.fspath(p)) for p in paths]
+    if weights is None:
+        ws = [1.0] * len(paths)
+    elif isinstance(weights, Mapping):
+        known = {p for p in paths} | {os.path.basename(p) for p in paths}
+        unknown = [k for k in weights if k not in known]
+        if unknown:
+            raise ManifestError(f"weights given for files the scan did not find: {', '.join(map(str, unknown))}")
+        ws = [float(weights.get(p, weights.get(os.path.basename(p), 1.0))) for p in paths]
+    else:
+        ws = [float(w) for w in weights]
+        if len(ws) != len(paths):
+            raise ManifestError(f"{len(ws)} weights given for {len(paths)} models")
+    return Manifest(models=[ManifestEntry(path=p, weight=w) for p, w in zip(paths, ws)], **fields)

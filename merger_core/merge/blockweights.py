@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 

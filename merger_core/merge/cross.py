@@ -18,7 +18,6 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 from .plan import MergeInput, MergePlan, prepare
 from .runner import MergeResult, merge_to_file, merge_to_state_dict
 from ..errors import IncompatibleModelsError, ManifestError, ModelMergerError
-from ..arch.keys import compare_keys
 from ..io.safetensors import read_header
 
 COMBINE_METHODS = {"sum": "task_arithmetic", "ties": "ties", "dare": "dare"}
@@ -389,10 +388,6 @@ def plan_cross_merge(req: CrossMergeRequest) -> CrossPlan:
             "the cross-merge cannot be planned:\n  " + "\n  ".join(problems[:SHOW]) + more
             + "\n(take the component from the base or one model, e.g. --vae base, --text-encoder base)"
         )
-    shape_report = compare_keys(headers, names)
-    if shape_report.shape_mismatch:
-        raise IncompatibleModelsError("the models and the base differ in shape:\n" + shape_report.describe(), shape_report)
-
     components: Dict[str, str] = {}
     for comp in sorted(comp_keys, key=lambda c: (c != UNET, c)):
         ch = comp_choice[comp]
@@ -446,6 +441,7 @@ def plan_cross_merge(req: CrossMergeRequest) -> CrossPlan:
         key_params=key_params,
         key_source=key_source,
         recipe=recipe,
+        headers=headers,  # shapes are checked by prepare(), on these headers (read once)
     )
     return CrossPlan(plan, base_path, reason, arch_id, arch_name, components, notes, ranking)
 

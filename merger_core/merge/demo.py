@@ -12,7 +12,6 @@ Nothing in here prints: :func:`run_demo` returns a :class:`DemoReport` that the 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -193,7 +192,8 @@ def run_demo(folder: str, dtype: str = "fp16", device: str = "cpu", progress=Non
     0.5/0.3/0.2, merge to ``folder/merged.safetensors`` and check the result against a float64 reference."""
     from ..io.safetensors import read_header
     from ..io.writer import tensor_data_sha256
-    from ..manifest.model import load_manifest, manifest_from_scan, save_manifest
+    from ..manifest.parse import load_manifest, save_manifest
+    from ..manifest.scan import manifest_from_scan
     from ..manifest.scan import scan
     from .plan import plan_from_manifest
     from .runner import merge_to_file
@@ -202,7 +202,7 @@ def run_demo(folder: str, dtype: str = "fp16", device: str = "cpu", progress=Non
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ModelMergerError(f"{folder} exists and is not a folder")
     inputs_dir = os.path.join(folder, "inputs")
-    paths = build_demo_inputs(inputs_dir)
+    build_demo_inputs(inputs_dir)
     found = scan([os.path.join(inputs_dir, "demo-*.safetensors")])
     by_name = {name: w for (name, *_), w in zip(DEMO_MODELS, DEMO_WEIGHTS)}
     manifest = manifest_from_scan(found, weights=by_name, dtype=dtype, device=device, title="demo-merge")

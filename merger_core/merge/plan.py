@@ -59,6 +59,8 @@ class MergePlan:
     key_source: Optional[Callable[[str], Optional[int]]] = None
     key_weights: Optional[Callable[[str], Optional[Sequence[float]]]] = None
     recipe: Dict[str, object] = field(default_factory=dict)  # extra recipe facts for the metadata
+    # the inputs' headers where a planner (cross-merge) has read them already, in input order: read once per merge
+    headers: Optional[List[SafetensorsHeader]] = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -108,9 +110,9 @@ class PreparedMerge:
         return max((j.numel for j in self.jobs), default=0)
 
 
-def prepare(plan: MergePlan, headers: Optional[Sequence[SafetensorsHeader]] = None) -> PreparedMerge:
-    """Check the plan and the inputs' keys and shapes; no weight is read. ``headers`` (in input order) saves
-    reading them again where a caller (cross-merge) has read them already."""
+def prepare(plan: MergePlan) -> PreparedMerge:
+    """Check the plan and the inputs' keys and shapes; no weight is read. Each header is read once: the plan's
+    ``headers`` are used where a planner has read them already."""
     method = _methods.get_method(plan.method)
     method.check_inputs(len(plan.inputs))
     params = method.check_params(dict(plan.params))
@@ -122,7 +124,7 @@ def prepare(plan: MergePlan, headers: Optional[Sequence[SafetensorsHeader]] = No
             raise ManifestError(f"{i.display_name()}: weight {w!r} is not a finite number")
     if method.uses_weights and plan.normalize and sum(weights) == 0:
         raise ManifestError("the weights sum to 0, so they cannot be normalised")
-    headers = list(headers) if headers is not None else [read_header(i.path) for i in plan.inputs]
+    headers = list(plan.headers) if plan.headers is not None else [read_header(i.path) for i in plan.inputs]
     names = [i.display_name() for i in plan.inputs]
     compat = _structure_check(plan, headers, names)
     report = compat.keys if compat is not None else compare_keys(headers, names)
@@ -192,7 +194,8 @@ def plan_from_manifest(manifest, *, check_files: bool = True, **overrides) -> Me
     """
     import dataclasses
 
-    from ..manifest.model import display_names, validate
+    from ..manifest.model import display_names
+    from ..manifest.validate import validate
 
     m = dataclasses.replace(manifest, **overrides) if overrides else manifest
     validate(m, check_files=check_files)

@@ -1,0 +1,123 @@
+"""The checks a schema cannot express: finite weights that do not sum to 0, a known method and parameters, and
+duplicate, missing, special or non-safetensors files; every problem names the entry and the field."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import List, Optional, Tuple
+
+from ..errors import ManifestError
+from .model import MODEL_EXTENSION, Manifest, ManifestValidationError, Problem, _entry_label, _problem_order
+from .parse import manifest_to_dict
+from .schema import _schema_problems
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _source_name(manifest: Manifest) -> str:
+    return os.path.basename(manifest.path) if manifest.path else "manifest"
+
+
+def validate(manifest: Manifest, check_files: bool = True) -> None:
+    """Check everything; raises :class:`ManifestValidationError` listing every problem, each naming the entry
+    and field. ``check_files=False`` skips what needs the file system (existence, links to one file)."""
+    from .. import methods as _methods
+
+    source = _source_name(manifest)
+    problems = _schema_problems(manifest_to_dict(manifest))
+    if problems:
+        raise ManifestValidationError(problems, source)
+
+    models = manifest.models
+    labels = [_entry_label(i, e.path) for i, e in enumerate(models)]
+
+    # method, its parameters and its number of inputs
+    method = None
+    try:
+        method = _methods.get_method(manifest.method)
+    except ManifestError as exc:
+        problems.append(Problem("", "method", str(exc)))
+    if method is not None:
+        try:
+            method.check_inputs(len(models))
+        except ManifestError as exc:
+            problems.append(Problem("", "models", str(exc)))
+        try:
+            method.check_params(dict(manifest.params))
+        except ManifestError as exc:
+            problems.append(Problem("", "params", str(exc)))
+        if manifest.base is not None and not getattr(method, "takes_base", False):
+            problems.append(Problem("", "base", f"method {manifest.method!r} does not use a base model; remove 'base'"))
+
+    # weights
+    finite = True
+    for label, e in zip(labels, models):
+        if not math.isfinite(e.weight):
+            finite = False
+            problems.append(Problem(label, "weight", f"must be a finite number, got {e.weight!r}"))
+    uses_weights = method.uses_weights if method is not None else True
+    if finite and uses_weights and manifest.normalize and models and sum(e.weight for e in models) == 0:
+        problems.append(
+            Problem("", "models", "the weights sum to 0, so they cannot be normalised; give at least one model a weight above 0")
+        )
+
+    # files
+    files = [(label, e.path) for label, e in zip(labels, models)]
+    if manifest.base is not None:
+        files.append(("base", manifest.base))
+    problems.extend(_file_problems(files, check_files))
+    if problems:
+        raise ManifestValidationError(sorted(problems, key=_problem_order), source)
+
+
+def _file_problems(files: List[Tuple[str, str]], check_files: bool) -> List[Problem]:
+    from .scan import SKIP_REASONS
+
+    problems: List[Problem] = []
+    stats: List[Tuple[str, str, Optional[os.stat_result]]] = []
+    for label, path in files:
+        where, fld = ("", "base") if label == "base" else (label, "path")
+        ext = os.path.splitext(path)[1].lower()
+        if ext != MODEL_EXTENSION:
+            reason = SKIP_REASONS.get(ext, "only .safetensors files are merge inputs")
+            problems.append(Problem(where, fld, f"{os.path.basename(path)} is not a .safetensors file: {reason}"))
+            continue
+        st = None
+        if check_files:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                kind = "broken symbolic link" if os.path.islink(path) else "file not found"
+                problems.append(Problem(where, fld, f"{kind}: {path}"))
+                continue
+            except OSError as exc:
+                problems.append(Problem(where, fld, f"cannot read {path}: {exc.strerror or exc}"))
+                continue
+            if os.path.isdir(path):
+                problems.append(Problem(where, fld, f"{path} is a folder, not a file"))
+                continue
+            if not os.access(path, os.R_OK):
+                problems.append(Problem(where, fld, f"cannot read {path}: permission denied"))
+                continue
+        stats.append((label, path, st))
+    # duplicates: the same path, the same real path, or the same file (hard links, via samestat)
+    for j in range(len(stats)):
+        lj, pj, sj = stats[j]
+        for i in range(j):
+            li, pi, si = stats[i]
+            how = None
+            if os.path.normcase(pi) == os.path.normcase(pj):
+                how = "listed twice"
+            elif check_files and os.path.normcase(os.path.realpath(pi)) == os.path.normcase(os.path.realpath(pj)):
+                how = "through a symbolic link"
+            elif si is not None and sj is not None and os.path.samestat(si, sj):
+                how = "a hard link"
+            if how is not None:
+                if lj == "base":
+                    problems.append(Problem("", "base", f"same file as {li} ({how}); the base cannot also be a model"))
+                else:
+                    problems.append(Problem(lj, "path", f"same file as {li} ({how}); each file may appear once"))
+                break
+    return problems
