@@ -4,7 +4,7 @@ Nothing here is part of the product; it is measurement plumbing:
 
 * :func:`load_layout` / :func:`generate_file` / :func:`ensure_inputs`: full-size checkpoints of a real layout
   (``shared/layouts/*.json``: key -> shape/dtype under ``"tensors"``) filled with random-looking fp16 values,
-  written with the engine's own :class:`merger_core.safetensors_io.StreamingWriter`. A few MiB of random fp16 are
+  written with the engine's own :class:`merger_core.io.writer.StreamingWriter`. A few MiB of random fp16 are
   generated once and tiled with a per-model, per-key offset, so files differ from each other without spending
   minutes in the random number generator (fine for I/O and memory measurements, useless for quality).
 * :class:`AnonRssSampler`: peak private memory (``RssAnon`` of ``/proc/PID/status``, summed over the process tree),

@@ -162,11 +162,11 @@ def fmt(rows, cols) -> str:
 SCAN_SCRIPT = r"""
 import json, os, sys, time
 t0 = time.perf_counter()
-from merger_core.scan import scan
+from merger_core.manifest.scan import scan
 from merger_core.manifest import manifest_from_scan
-from merger_core.civitai import enrich_manifest, RetryPolicy
-from merger_core.cache import HashCache
-from merger_core import userdirs
+from merger_core.identity.civitai import enrich_manifest, RetryPolicy
+from merger_core.identity.cache import HashCache
+from merger_core.host import userdirs
 t1 = time.perf_counter()
 res = scan([sys.argv[1]])
 m = manifest_from_scan(res)

@@ -46,7 +46,7 @@ TARGETS = {"sd15": (2.5, 1.5, 1.0), "sdxl": (2.5, 1.5, 1.5)}
 
 API_SCRIPT = r"""
 import sys, time
-from merger_core.engine import MergeInput, MergePlan, merge_to_file
+from merger_core.merge import MergeInput, MergePlan, merge_to_file
 out = sys.argv[-1]
 plan = MergePlan([MergeInput(p, 1.0) for p in sys.argv[1:-1]], method="weighted_sum", dtype="fp16", device="cpu")
 t0 = time.monotonic()

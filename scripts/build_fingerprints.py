@@ -2,7 +2,7 @@
 
 This is a maintainer tool, not used at run time::
 
-    python -m merger_core.analyze.build_fingerprints /path/to/shared/layouts
+    python scripts/build_fingerprints.py [/path/to/shared/layouts]
 
 It reads the full layouts (every key, shape and dtype of a reference file), keeps only what identifies an
 architecture (a few dozen signature keys with shapes, block counts, keys that must be absent), the component
@@ -19,6 +19,11 @@ import os
 import re
 import sys
 from typing import Dict, List
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from merger_core.io.safetensors import FLOAT_DTYPES  # noqa: E402  (the one dtype table)
 
 UNET = "model.diffusion_model."
 
@@ -184,12 +189,9 @@ def _derive_sd3(src: Dict[str, dict], hidden: int, depth: int, qk_norm: bool, se
     return out
 
 
-FLOATS = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
-
-
 def _numel(shape, dtype="F16") -> int:
     """Parameters: elements of floating-point tensors (integer buffers such as position_ids do not count)."""
-    return math.prod(shape) if dtype in FLOATS else 0
+    return math.prod(shape) if dtype in FLOAT_DTYPES else 0
 
 
 def _fingerprint(arch_id: str, spec: dict, tensors: Dict[str, dict], verified: bool, source: str) -> dict:
@@ -286,8 +288,7 @@ def build(layout_dir: str, out_dir: str) -> List[str]:
 
 
 if __name__ == "__main__":
-    here = os.path.dirname(os.path.abspath(__file__))
-    src = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "..", "..", "..", "shared", "layouts")
-    out = os.path.join(here, "..", "data", "architectures")
+    src = sys.argv[1] if len(sys.argv) > 1 else os.path.join(REPO, "..", "shared", "layouts")
+    out = os.path.join(REPO, "merger_core", "data", "architectures")
     for p in build(src, out):
         print(p)

@@ -321,3 +321,33 @@ def test_sd2_probe_other_dtypes(tmp_path, dtype):
     det = detect(p)
     assert det.prediction == "v"
     assert f"{float(t.float().std()):.3f}" in det.prediction_source
+
+
+# ------------------------------------------------------------------------------------------------- ModelSpec label
+
+
+@pytest.mark.parametrize("arch_id, prefix, want", [
+    ("sd1", UNET, "stable-diffusion-v1"),
+    ("sdxl_base", UNET, "stable-diffusion-xl-v1-base"),
+    ("sdxl_base", "", "stable-diffusion-xl-v1-base"),  # a UNet-only file (the old key probe said "unknown")
+    ("sd35_medium", UNET, "stable-diffusion-v3.5-medium"),  # the old key probe said "stable-diffusion-v3-medium"
+    ("sd3_large", UNET, "stable-diffusion-v3.5-large"),
+    ("flux_dev", "", "flux-1-dev"),
+])
+def test_modelspec_label_comes_from_the_detector(tmp_path, arch_id, prefix, want):
+    from merger_core.arch import modelspec_architecture
+
+    p = tmp_path / f"{arch_id}.safetensors"
+    write_sparse(p, layout_from_fingerprint(arch_id, prefix=prefix))
+    assert modelspec_architecture(detect(p)) == want
+
+
+def test_known_key_names_at_other_widths_are_named_but_not_labelled(tmp_path):
+    """The demo's narrow SD1.5-keyed files: the key layout is named, the ModelSpec label claims nothing."""
+    import helpers
+    from merger_core.arch import modelspec_architecture
+
+    det = detect(helpers.write_model(tmp_path / "narrow.safetensors"))
+    assert not det.known and det.key_layout == ["sd1"]
+    assert det.arch_name == "SD1 layout, non-standard widths"
+    assert modelspec_architecture(det) == "unknown"

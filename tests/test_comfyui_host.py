@@ -64,7 +64,7 @@ def test_pack_imports_and_lists_every_node(server):
     with urllib.request.urlopen(f"{server.url}/extensions/{cs.PACK_DIR_NAME}/model_merger.js") as r:
         assert r.status == 200 and b"model_merger.done" in r.read()
 
-    with urllib.request.urlopen(server.url + "/model_merger/web_logic/toast.mjs") as r:
+    with urllib.request.urlopen(f"{server.url}/extensions/{cs.PACK_DIR_NAME}/logic/toast.mjs") as r:
         assert r.status == 200 and "javascript" in r.headers.get("Content-Type", "")
         assert b"export function shouldNotify" in r.read()
 

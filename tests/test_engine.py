@@ -135,6 +135,24 @@ def test_marker_tensors_are_kept(make_models, out_dir):
     assert header.metadata.get("modelspec.prediction_type") == "v"
 
 
+def test_every_marker_key_of_the_one_list_is_copied_exactly(tmp_path, out_dir):
+    """EDM marker tensors hold values (sigma bounds, latent mean/std): they are copied from the first model, never
+    averaged. The list is data/markers.json; the engine and the detector read the same one."""
+    from merger_core.io.safetensors import MARKER_KEYS
+
+    assert {"v_pred", "ztsnr", "edm_mean", "edm_std", "edm_vpred.sigma_min", "edm_vpred.sigma_max"} <= set(MARKER_KEYS)
+    extra = {"edm_mean": ("F32", (1, 4, 1, 1)), "edm_std": ("F32", (1, 4, 1, 1)),
+             "edm_vpred.sigma_min": ("F32", (1,)), "edm_vpred.sigma_max": ("F32", (1,))}
+    a = helpers.write_model(tmp_path / "a.safetensors", seed=1, extra=extra)
+    b = helpers.write_model(tmp_path / "b.safetensors", seed=2, extra=extra, offset=3.0)
+    out = out_dir / "merged.safetensors"
+    merge_to_file(helpers.plan_for([a, b]), out)
+    with safe_open(out, "pt") as fo, safe_open(a, "pt") as fa, safe_open(b, "pt") as fb:
+        for k in extra:
+            assert not torch.equal(fa.get_tensor(k), fb.get_tensor(k))
+            assert torch.equal(fo.get_tensor(k), fa.get_tensor(k)), k
+
+
 def test_two_runs_are_byte_identical_and_hash_is_recorded(make_models, tmp_path):
     paths = make_models(3)
     outs = []

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import helpers
-from merger_core.merge.plan import MergeInput, MergePlan
+from merger_core.merge.plan import MergeInput, MergePlan, prepare
 from merger_core.merge.runner import merge_to_file, merge_to_state_dict
-from merger_core.errors import ManifestError
+from merger_core.errors import IncompatibleModelsError, ManifestError
 from merger_core.methods import get_method, list_methods
 from merger_core.methods import _common
 from merger_core.methods.dare import dare_merge, keep_mask
@@ -505,3 +505,27 @@ def test_tensor_methods_work_inside_inference_mode(tmp_path, monkeypatch):
         sd, _ = merge_to_state_dict(plan)
     expected, _ = merge_to_state_dict(plan)
     assert torch.equal(sd["k"], expected["k"])
+
+
+# ------------------------------------------------------------------------------------------------- typed inputs
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare"])
+def test_base_taking_method_refuses_a_key_the_base_lacks(tmp_path, method):
+    """Input 0 of a base-taking method is the base: a key it lacks is refused by name (with --allow-missing too),
+    never merged with another model shifted into the base's role."""
+    key = "model.diffusion_model.out.2.bias"
+    base = helpers.write_model(tmp_path / "base.safetensors", seed=1, drop=[key])
+    a = helpers.write_model(tmp_path / "a.safetensors", seed=2)
+    b = helpers.write_model(tmp_path / "b.safetensors", seed=3)
+    plan = helpers.plan_for([base, a, b], method=method, allow_missing=True)
+    with pytest.raises(IncompatibleModelsError, match=r"out\.2\.bias: the base \(base\.safetensors\) lacks this key"):
+        prepare(plan)
+
+
+def test_input_kinds_name_the_base_and_the_roles():
+    from merger_core.methods import get_method
+
+    assert get_method("ties").input_kinds(3) == ["base", "model", "model"]
+    assert get_method("weighted_sum").input_kinds(2) == ["model", "model"]
+    assert get_method("add_difference").input_kinds(3) == ["A", "B", "C"]

@@ -433,7 +433,7 @@ def manifest_from_scan(
     weights: Optional[Union[Sequence[float], Mapping[str, float]]] = None,
     **fields: Any,
 ) -> Manifest:
-    """A manifest over the matches of a :class:`~merger_core.scan.ScanResult` (or a list of paths).
+    """A manifest over the matches of a :class:`~merger_core.manifest.scan.ScanResult` (or a list of paths).
 
     ``weights``: ``None`` gives every model weight 1.0 (equal weights); a sequence gives one weight per match in
     order; a mapping gives weights by full path or file name (unnamed models get 1.0). ``fields`` set other

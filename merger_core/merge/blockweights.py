@@ -4,7 +4,7 @@ A block spec is one of
 
 * a preset name (``GRAD_V``, ``IN_ONLY``, ...; see :func:`presets` and ``merger_core/data/block_presets.json``);
 * a comma-separated list with one value per block of the architecture, in the order of
-  :func:`merger_core.analyze.blocks.blocks` (SD1: 26 values BASE, IN00-IN11, M00, OUT00-OUT11; SDXL: 21 values
+  :func:`merger_core.arch.blocks.blocks` (SD1: 26 values BASE, IN00-IN11, M00, OUT00-OUT11; SDXL: 21 values
   BASE, IN00-IN08, M00, OUT00-OUT08, VAE);
 * ``NAME=value`` pairs, comma-separated, where NAME is a block (``IN04``), a range (``IN00-IN05``), a group
   (``IN``, ``M``, ``OUT``, ``BASE``, ``VAE``) or ``*`` for every block not named otherwise

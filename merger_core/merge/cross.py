@@ -4,7 +4,7 @@ Models fine-tuned from one common base (Pony v6 and Illustrious XL are both SDXL
 from that base, so each keeps what its training added instead of being averaged away. This module only plans:
 it checks structure from the headers (no weight is read before every check has passed), chooses the base, decides
 for every key whether it is merged by differences or copied from the base or one model (text encoders, VAE), and
-hands an ordinary :class:`~merger_core.engine.MergePlan` to the engine with a registry method
+hands an ordinary :class:`~merger_core.merge.plan.MergePlan` to the engine with a registry method
 (``task_arithmetic`` for ``sum``, ``ties``, ``dare``) whose first input is the base. Nothing intermediate is
 written.
 """
@@ -47,7 +47,7 @@ class CrossMergeRequest:
     text_encoders: Mapping[str, str] = field(default_factory=dict)
     vae: str = "base"
     unet: str = "delta"
-    scale_blocks: Optional[object] = None  # a block spec for L per block (see merger_core.blockweights)
+    scale_blocks: Optional[object] = None  # a block spec for L per block (see merger_core.merge.blockweights)
     dtype: str = "fp16"
     device: str = "cpu"
     seed: int = 0

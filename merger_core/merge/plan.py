@@ -158,8 +158,8 @@ def prepare(plan: MergePlan) -> PreparedMerge:
                 f"{key}: the base ({names[base]}) lacks this key, so {method.name} has no difference to take for it "
                 "(give a base that has every key, or take this key from one model)"
             )
-        if copy_from is not None and not headers[copy_from].tensors[key].is_float:
-            out_dtype = headers[copy_from].tensors[key].dtype
+        if copy_from is not None and (not headers[copy_from].tensors[key].is_float or key in MARKER_KEYS):
+            out_dtype = headers[copy_from].tensors[key].dtype  # integers and markers keep their bytes
         else:
             out_dtype = OUTPUT_DTYPES[plan.dtype] or headers[copy_from if copy_from is not None else sources[0]].tensors[key].dtype
         if copy_from is None and len(sources) < method.min_inputs:

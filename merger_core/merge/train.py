@@ -1,9 +1,9 @@
 """Plans for the three-model difference merges (train difference, add difference), with per-block strength.
 
 ``plan_train_difference(a, b, c, alpha=1.0, alpha_blocks=None)`` returns an engine :class:`MergePlan`; run it with
-:func:`merger_core.engine.merge_to_file` or :func:`~merger_core.engine.merge_to_state_dict` (or both).
+:func:`merger_core.merge.runner.merge_to_file` or :func:`~merger_core.merge.runner.merge_to_state_dict` (or both).
 ``alpha_blocks`` is a block spec (preset, one value per block, or ``NAME=value`` pairs; see
-:mod:`merger_core.blockweights`) for the architecture detected from A's header.
+:mod:`merger_core.merge.blockweights`) for the architecture detected from A's header.
 """
 
 from __future__ import annotations
