@@ -12,7 +12,8 @@ import sys
 from typing import List, Optional
 
 from ..version import __version__
-from ..errors import ModelMergerError
+from ..errors import MergeCancelled, ModelMergerError
+from ._signals import Signals, interrupted_message
 
 COMMANDS = [
     "scan",
@@ -43,14 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args._run(args) or 0)
-    except KeyboardInterrupt:
-        print("\ninterrupted; no output was written", file=sys.stderr)
-        return 130
-    except ModelMergerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with Signals() as sig:  # SIGINT, SIGTERM, SIGHUP: see _signals.py
+        args._signals = sig
+        try:
+            return int(args._run(args) or 0)
+        except KeyboardInterrupt:
+            print(f"\n{interrupted_message(sig)}", file=sys.stderr)
+            return sig.exit_code
+        except MergeCancelled as exc:
+            print(f"\n{interrupted_message(sig)}" if sig.signum is not None else f"error: {exc}", file=sys.stderr)
+            return sig.exit_code
+        except ModelMergerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

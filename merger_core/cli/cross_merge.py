@@ -87,6 +87,8 @@ def run(args) -> int:
         print(f"dry run: would write {human_bytes(prep.output_bytes)} ({len(prep.jobs)} tensors)")
         return 0
     with ProgressBar("cross-merge", enabled=not args.no_progress) as bar:
-        res = merge_to_file(cp.plan, args.output, overwrite=args.overwrite, progress=bar, prepared=prep)
+        with args._signals.polling():
+            res = merge_to_file(cp.plan, args.output, overwrite=args.overwrite, progress=bar, prepared=prep,
+                                cancel=args._signals)
     print(f"wrote {res.output} ({human_bytes(res.output_bytes)}, {res.keys} tensors, {res.seconds:.1f} s)")
     return 0

@@ -34,7 +34,8 @@ def run(args) -> int:
     folder = os.path.abspath(args.dir)
     print(f"building {len(DEMO_MODELS)} small SD1.5 checkpoints in {os.path.join(folder, 'inputs')}", file=out)
     with ProgressBar("merging", enabled=not args.no_progress) as bar:
-        rep = run_demo(folder, dtype=args.dtype, device=args.device, progress=bar)
+        with args._signals.polling():
+            rep = run_demo(folder, dtype=args.dtype, device=args.device, progress=bar, cancel=args._signals)
     print(f"  {len(rep.inputs)} inputs, {human_bytes(rep.input_bytes)} in all:", file=out)
     for path, w in zip(rep.inputs, rep.weights):
         print(f"    {os.path.relpath(path, folder)}  weight {w:g}", file=out)

@@ -65,12 +65,16 @@ def run(args) -> int:
             raise exc
         _describe(out, plan, prep, output)
         with ProgressBar("merging", enabled=not args.no_progress) as bar:
-            result = merge_to_file(plan, output, overwrite=args.overwrite, progress=bar, prepared=prep)
+            with args._signals.polling():
+                result = merge_to_file(plan, output, overwrite=args.overwrite, progress=bar, prepared=prep,
+                                       cancel=args._signals)
     except ModelMergerError as exc:
         notifier.finish(False, f"{os.path.basename(output)}: {exc}")
         raise
     from ..identity.cache import remember_written_file
 
+    for path in result.swept:
+        print(f"note: removed {path}, a temporary file left by an earlier run that was killed", file=out)
     remember_written_file(result.output, result.tensor_sha256)  # AutoV3 of the output, from the writer
     rate = result.output_bytes / result.seconds / 2**20 if result.seconds > 0 else 0.0
     print(f"wrote {result.output} ({human_bytes(result.output_bytes)}, {result.keys} tensors) "

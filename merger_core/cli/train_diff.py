@@ -42,7 +42,9 @@ def run(args) -> int:
     )
     prep = prepare(plan)
     with ProgressBar("train-diff", enabled=not args.no_progress) as bar:
-        res = merge_to_file(plan, args.output, overwrite=args.overwrite, progress=bar, prepared=prep)
+        with args._signals.polling():
+            res = merge_to_file(plan, args.output, overwrite=args.overwrite, progress=bar, prepared=prep,
+                                cancel=args._signals)
     for n in res.notes:
         print(f"note: {n}", file=sys.stderr)
     print(f"wrote {res.output} ({human_bytes(res.output_bytes)}, {res.keys} tensors, {res.seconds:.1f} s)")

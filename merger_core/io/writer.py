@@ -11,10 +11,11 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from ..errors import OutputError
 from .safetensors import DTYPE_SIZES, read_header
@@ -83,6 +84,53 @@ def tensor_bytes(t) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
+# Temporary files of writers in this process that are still open: what a forced exit (a second Ctrl-C) removes.
+LIVE_PARTIALS: Set[str] = set()
+
+
+def partial_path(target: str) -> str:
+    """The temporary file a writer of ``target`` uses: hidden, beside the target, named after it, this process and
+    this thread (``.NAME.PID.TID.partial``)."""
+    folder, base = os.path.split(os.path.abspath(target))
+    return os.path.join(folder, f".{base[:120]}.{os.getpid()}.{threading.get_ident() % 100000}.partial")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is not ours (EPERM)
+        return True
+    return True
+
+
+def sweep_stale_partials(target: str) -> List[str]:
+    """Remove the temporary files of ``target`` left by processes that no longer exist (killed with SIGKILL, by the
+    OOM killer, a power cut). Returns the paths removed. POSIX only (elsewhere nothing is removed)."""
+    if os.name != "posix":
+        return []
+    folder, base = os.path.split(os.path.abspath(target))
+    pattern = re.compile(r"^\." + re.escape(base[:120]) + r"\.(\d+)\.(\d+)\.partial$")
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    for name in names:
+        m = pattern.match(name)
+        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
 class StreamingWriter:
     """Write a safetensors file tensor by tensor, in sorted name order, to a temporary file then rename.
 
@@ -117,6 +165,7 @@ class StreamingWriter:
         self._hasher = hashlib.sha256()
         self._file = None
         self.tmp_path: Optional[str] = None
+        self.swept: List[str] = []  # stale temporary files of this target removed on entry
         self.sha256: Optional[str] = None
         self.bytes_written = 0
         self._flushed = 0
@@ -128,15 +177,18 @@ class StreamingWriter:
 
     def __enter__(self) -> "StreamingWriter":
         self.check_target()
-        folder = os.path.dirname(self.path)
-        base = os.path.basename(self.path)
-        self.tmp_path = os.path.join(folder, f".{base[:120]}.{os.getpid()}.{threading.get_ident() % 100000}.partial")
-        try:
+        self.swept = sweep_stale_partials(self.path)
+        self.tmp_path = partial_path(self.path)
+        try:  # the temporary file is created inside the block that removes it, whatever interrupts it
+            LIVE_PARTIALS.add(self.tmp_path)
             self._file = self._opener(self.tmp_path)
             self._file.write(self._header)
         except OSError as exc:
             self._discard()
             raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+        except BaseException:
+            self._discard()
+            raise
         self.bytes_written = len(self._header)
         return self
 
@@ -209,6 +261,7 @@ class StreamingWriter:
             if not self.overwrite and os.path.exists(self.path):
                 raise OutputError(f"{self.path} appeared while merging; not overwritten (use --overwrite)")
             os.replace(self.tmp_path, self.path)
+            LIVE_PARTIALS.discard(self.tmp_path)
             self.tmp_path = None
             _fsync_dir(os.path.dirname(self.path))
         except OSError as exc:
@@ -225,8 +278,12 @@ class StreamingWriter:
             except OSError:
                 pass
             self._file = None
-        if self.tmp_path and os.path.exists(self.tmp_path):
-            os.unlink(self.tmp_path)
+        if self.tmp_path:
+            try:
+                os.unlink(self.tmp_path)
+            except FileNotFoundError:
+                pass
+            LIVE_PARTIALS.discard(self.tmp_path)
         self.tmp_path = None
 
 

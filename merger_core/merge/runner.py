@@ -17,7 +17,7 @@ import os
 import time
 import zlib
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .. import methods as _methods
@@ -54,6 +54,7 @@ class MergeResult:
     metadata: Dict[str, str]
     notes: List[str]
     structure: str = "unknown"  # what the first input is, in words (Analyze Structure)
+    swept: List[str] = field(default_factory=list)  # stale temporary files of the target removed before writing
 
 
 ProgressFn = Callable[[ProgressInfo], None]
@@ -320,7 +321,7 @@ def merge_to_file(
     metadata[HASH_METADATA_KEY] = "0x" + writer.sha256
     return MergeResult(
         output, len(prep.jobs), writer.total_bytes, time.monotonic() - t0, writer.sha256, prep.architecture, metadata, prep.notes,
-        prep.structure,
+        prep.structure, list(writer.swept),
     )
 
 
