@@ -119,6 +119,108 @@ def test_rename_detected_without_rehash(db, tmp_path, count_hashing):
     assert db.stats()["files"] == 1  # the old path's row is gone
 
 
+def same_samples_other_bytes(data: bytes) -> bytes:
+    """``data`` with bytes changed outside the blocks that sample_signature reads (start, quarters, end)."""
+    from merger_core.identity import hashing
+
+    size = len(data)
+    last = size - hashing.SAMPLE_SIZE
+    starts = [last * k // (hashing.SAMPLE_POINTS - 1) for k in range(hashing.SAMPLE_POINTS)]
+    spot = starts[0] + hashing.SAMPLE_SIZE + 1000
+    assert all(not (a <= spot < a + hashing.SAMPLE_SIZE) for a in starts)
+    out = bytearray(data)
+    out[spot:spot + 100] = bytes(b ^ 0xFF for b in out[spot:spot + 100])
+    return bytes(out)
+
+
+@pytest.mark.parametrize("case", ["deleted, same mtime", "deleted, other mtime", "still there, same mtime"])
+def test_other_bytes_with_the_same_samples_get_their_own_hash(db, tmp_path, count_hashing, case):
+    from merger_core.identity.hashing import sample_signature
+
+    a_bytes = os.urandom(3_000_000)
+    b_bytes = same_samples_other_bytes(a_bytes)
+    a = write(tmp_path / "a.bin", a_bytes)
+    db.hashes(a, ["sha256", "blake3"])
+    db.put_fact(a, "structure", {"arch": "sdxl"})
+    st = os.stat(a)
+    b = write(tmp_path / "b.bin", b_bytes)  # written while a exists: never a's inode
+    if case != "deleted, other mtime":
+        os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns))
+    if case.startswith("deleted"):
+        os.unlink(a)
+    with open(tmp_path / "probe.bin", "wb") as f:
+        f.write(a_bytes)
+    assert sample_signature(tmp_path / "probe.bin") == sample_signature(b)  # the samples cannot tell them apart
+    h = db.hashes(b, ["sha256", "blake3"])
+    assert h.sha256 == hashlib.sha256(b_bytes).hexdigest() != hashlib.sha256(a_bytes).hexdigest()
+    assert len(count_hashing) == 2
+    assert db.lookup(b, ["sha256"]).sha256 == hashlib.sha256(b_bytes).hexdigest()
+    assert db.get_fact(b, "structure") is None  # a's facts are not b's
+
+
+def test_hard_link_recognised_without_rehash(db, tmp_path, count_hashing):
+    p = write(tmp_path / "a.bin", os.urandom(2_000_000))
+    h = db.hashes(p, "all")
+    q = tmp_path / "link.bin"
+    os.link(p, q)  # same inode, both names stay
+    assert db.hashes(q, "all").to_dict() == h.to_dict()
+    assert len(count_hashing) == 1
+    assert db.stats()["files"] == 2
+
+
+def test_copy_then_delete_is_rehashed_and_then_takes_over(db, tmp_path, count_hashing):
+    # another inode (a move across file systems, or a copy and delete): only a full hash can show it is the same
+    data = os.urandom(2_000_000)
+    p = write(tmp_path / "a.bin", data)
+    h = db.hashes(p, ["sha256", "blake3"])
+    db.put_fact(p, "structure", {"arch": "sd1"})
+    st = os.stat(p)
+    q = write(tmp_path / "moved.bin", data)
+    os.utime(q, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.unlink(p)
+    h2 = db.hashes(q, ["sha256"])
+    assert len(count_hashing) == 2 and count_hashing[-1][1] == ("sha256",)
+    assert h2.sha256 == h.sha256
+    # proven the same bytes: the other hashes and the facts come along, the old row goes
+    assert db.hashes(q, ["blake3"]).blake3 == h.blake3 and len(count_hashing) == 2
+    assert db.get_fact(q, "structure") == {"arch": "sd1"}
+    assert db.stats()["files"] == 1
+
+
+V1_SCHEMA = """
+CREATE TABLE files (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sample TEXT,
+    sha256 TEXT, autov1 TEXT, autov3 TEXT, autov3_checked INTEGER NOT NULL DEFAULT 0, crc32 TEXT, blake3 TEXT,
+    updated REAL NOT NULL);
+CREATE INDEX files_by_size ON files(size, sample);
+CREATE TABLE facts (path TEXT NOT NULL, kind TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    value TEXT NOT NULL, updated REAL NOT NULL, PRIMARY KEY (path, kind));
+CREATE TABLE civitai (sha256 TEXT PRIMARY KEY, found INTEGER NOT NULL, data TEXT, fetched REAL NOT NULL);
+PRAGMA user_version=1;
+"""
+
+
+def test_cache_from_before_inodes_keeps_its_answers_and_adopts_nothing(tmp_path, count_hashing):
+    from merger_core.identity.hashing import sample_signature
+
+    data = os.urandom(1_000_000)
+    gone = str(tmp_path / "gone.bin")
+    p = write(tmp_path / "new.bin", data)
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript(V1_SCHEMA)
+    st = os.stat(p)
+    conn.execute("INSERT INTO files (path, size, mtime_ns, sample, sha256, updated) VALUES (?,?,?,?,?,0)",
+                 (gone, len(data), st.st_mtime_ns, sample_signature(p), "0" * 64))
+    conn.execute("INSERT INTO civitai VALUES (?, 1, ?, 0)", ("a" * 64, '{"id": 5}'))
+    conn.commit()
+    conn.close()
+    c = HashCache(path)
+    assert c.get_civitai("a" * 64).data == {"id": 5}
+    assert c.hashes(p).sha256 == hashlib.sha256(data).hexdigest()  # not the old row's, which has no inode
+    assert len(count_hashing) == 1
+    c.close()
+
+
 def test_copy_with_new_mtime_is_rehashed(db, tmp_path, count_hashing):
     data = os.urandom(2_000_000)
     p = write(tmp_path / "a.bin", data)
@@ -220,6 +322,26 @@ def test_unwritable_location_falls_back_to_memory(tmp_path):
     f = write(tmp_path / "a.bin", b"z")
     assert c.hashes(f).sha256 == hashlib.sha256(b"z").hexdigest()
     c.close()
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_home_that_is_a_file_gives_a_memory_cache_and_a_clear_error(tmp_path, monkeypatch, caplog, below):
+    from merger_core.errors import ModelMergerError
+
+    blocker = tmp_path / "home-file"
+    blocker.write_text("x")
+    home = blocker / "sub" if below else blocker
+    monkeypatch.setenv(userdirs.ENV_VAR, str(home))
+    with pytest.raises(ModelMergerError, match="is a file, not a folder"):
+        userdirs.data_dir()
+    assert userdirs.cache_db_path(create_dir=False) == os.path.join(str(home), userdirs.CACHE_DB_NAME)
+    c = open_cache()
+    assert c.in_memory
+    f = write(tmp_path / "a.bin", b"z")
+    assert c.hashes(f).sha256 == hashlib.sha256(b"z").hexdigest()
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(messages) == 1 and "in-memory" in messages[0] and str(blocker) in messages[0]
+    assert "is a file, not a folder" in messages[0] and "\n" not in messages[0]
 
 
 WRITER = r"""

@@ -445,7 +445,7 @@ def test_cli_lookup(stub, tmp_path, monkeypatch, capsys):
 
 
 def test_lookup_report_takes_a_manifest(stub, db, tmp_path):
-    from merger_core.manifest.model import manifest_from_scan
+    from merger_core.manifest.scan import manifest_from_scan
 
     paths = [helpers.write_model(tmp_path / f"m{i}.safetensors", seed=i) for i in range(2)]
     stub.add_version(make_version(1, 2, helpers.sha256_file(paths[1]), base_model="NoobAI", trained_words=["w"]))
@@ -481,7 +481,7 @@ def test_cli_scan_civitai_records_hashes_and_warns(stub, tmp_path, monkeypatch, 
     # offline, from the cache; the manifest loads back
     assert main(["scan", str(folder), "-o", str(target), "--civitai", "--offline", "--overwrite"]) == 0
     assert stub.count("POST", "/api/v1/model-versions/by-hash") == 1
-    from merger_core.manifest.model import load_manifest
+    from merger_core.manifest.parse import load_manifest
 
     assert load_manifest(str(target)).models[1].civitai["base_model"] == "Illustrious"
 
@@ -495,3 +495,178 @@ def test_enrich_manifest_uses_full_detection(stub, db, tmp_path):
     stub.add_version(make_version(1, 2, helpers.sha256_file(p), base_model="Pony"))
     warnings = enrich_manifest([{"path": p}], cache=db, base_url=stub.base_url, retry=FAST)
     assert len(warnings) == 1 and "'Pony' (sdxl)" in warnings[0] and "sd1 (sd1)" in warnings[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Answers that are not what the API documents, text that is not safe to print, bad settings, bad redirects
+
+
+def _bad(**changes):
+    v = make_version(31, 41, EXAMPLE_SHA)
+    for path, value in changes.items():
+        target = v
+        *parents, last = path.split("__")
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        target[last] = value
+    return v
+
+
+WRONG_TYPES = {
+    "model is a string": _bad(model="oops"),
+    "model is a list": _bad(model=[{"name": "x"}]),
+    "files is a number": _bad(files=7),
+    "files is an object": _bad(files={"name": "x"}),
+    "a file is a list": _bad(files=[["x"]]),
+    "hashes is a list": _bad(files__0__hashes=[EXAMPLE_SHA]),
+    "metadata is a string": _bad(files__0__metadata="fp16"),
+    "images is a string": _bad(images="x"),
+    "trainedWords is a string": _bad(trainedWords="masterpiece"),
+    "trainedWords holds an object": _bad(trainedWords=[{"w": 1}]),
+}
+
+
+@pytest.mark.parametrize("bad", list(WRONG_TYPES.values()), ids=list(WRONG_TYPES))
+def test_single_answer_with_wrong_types_is_one_failed_lookup(stub, db, bad):
+    stub.script[f"GET /api/v1/model-versions/by-hash/{EXAMPLE_SHA}"] = [("json", bad)]
+    r = ask(stub, [EXAMPLE_SHA], cache=db)[EXAMPLE_SHA.lower()]
+    assert r.status == "error"
+    assert "malformed" in r.message and "CivitAI" in r.message
+    assert len(stub.requests) == 1  # not retried
+    assert db.get_civitai(EXAMPLE_SHA) is None  # not remembered
+    from merger_core.identity.civitai import format_result
+    from merger_core.identity.hashing import FileHashes
+
+    assert "Lookup failed: " in format_result("x", FileHashes(size=0, sha256=EXAMPLE_SHA.lower()), r)
+
+
+def test_batch_answer_with_wrong_types_fails_only_that_entry(stub, db, tmp_path):
+    paths = [helpers.write_model(tmp_path / f"{n}.safetensors", seed=i) for i, n in enumerate("abc")]
+    shas = [helpers.sha256_file(p) for p in paths]
+    good_a = make_version(1, 10, shas[0], base_model="SD 1.5")
+    odd_b = make_version(2, 20, shas[1], base_model="SD 1.5")
+    odd_b["model"] = "oops"
+    odd_b["images"] = "x"
+    good_c = make_version(3, 30, shas[2], base_model="SD 1.5")
+    stub.script["POST /api/v1/model-versions/by-hash"] = [("json", [good_a, odd_b, "not a version", good_c])]
+    m = Manifest([Entry(p) for p in paths])
+    warnings = enrich_manifest(m, cache=db, base_url=stub.base_url, retry=FAST)
+    assert [e.civitai["status"] for e in m.models] == ["found", "error", "found"]
+    assert m.models[0].civitai["version_id"] == 1 and m.models[2].civitai["version_id"] == 3
+    assert "malformed" in m.models[1].civitai["message"]
+    assert len(warnings) == 1 and warnings[0].startswith("b.safetensors: CivitAI lookup failed") and "malformed" in warnings[0]
+    assert db.get_civitai(shas[1]) is None and db.get_civitai(shas[0]).found
+    assert stub.count("POST", "/api/v1/model-versions/by-hash") == 1
+
+
+def test_batch_answer_with_unreadable_files_is_not_taken_for_a_miss(stub, db):
+    shas = [hashlib.sha256(f"u{i}".encode()).hexdigest() for i in range(3)]
+    good = make_version(1, 10, shas[0])
+    unreadable = make_version(2, 20, shas[1])
+    unreadable["files"] = 7  # which hash it answers cannot be told
+    stub.script["POST /api/v1/model-versions/by-hash"] = [("json", [good, unreadable])]
+    res = ask(stub, shas, cache=db)
+    assert res[shas[0]].found
+    for s in shas[1:]:  # not "not on CivitAI" (that would be remembered for a week): unknown
+        assert res[s].status == "error" and "malformed" in res[s].message
+        assert db.get_civitai(s) is None
+
+
+CONTROL = ["\x1b", "\x07", "\r", "\x00", "\x7f", "\x9b", "\u202e", "\u2066", "\u2069"]
+
+
+def assert_printable(text):
+    bad = [c for c in CONTROL if c in text]
+    assert not bad, f"control characters {bad!r} in {text!r}"
+
+
+def test_printable_strips_control_characters_only():
+    from merger_core.identity.civitai import printable
+
+    assert printable("a\x1b]0;pwned\x07b\r\n\tc\x00\x7f\x85\x9bd\u202ae\u202ef\u2066g\u2069h") == "a]0;pwnedbcdefgh"
+    assert printable("Ünïcødé 日本語 — ok ‘quotes’ \u200d👍") == "Ünïcødé 日本語 — ok ‘quotes’ \u200d👍"
+    assert printable(None) == ""
+
+
+def test_server_text_is_stripped_before_printing(stub, db, tmp_path):
+    a = helpers.write_model(tmp_path / "a.safetensors", seed=1)
+    sa = helpers.sha256_file(a)
+    v = make_version(
+        11, 21, sa, model_name="Evil\x1b]0;pwned\x07 Model \u00dcber", name="v1\r  Model: forged",
+        base_model="SD 1.5\x1b[2J", model_type="Check\x9bpoint", trained_words=["\u202egnp.exe", "日本\x1b[31m"],
+    )
+    v["images"][0]["url"] = "https://image.example/\x1b[2Jx.jpeg"
+    stub.add_version(v)
+    report, words, base = lookup_report([a], cache=db, base_url=stub.base_url, retry=FAST)
+    for text in (report, words, base):
+        assert_printable(text)
+    assert "Model: Evil]0;pwned Model \u00dcber / version v1  Model: forged" in report
+    assert "Base model: SD 1.5[2J; type: Checkpoint" in report
+    assert words == "gnp.exe, 日本[31m"
+    assert "https://image.example/[2Jx.jpeg" in report
+    # the same answer from the cache, and in a manifest's warnings
+    report2, _, _ = lookup_report([a], offline=True, cache=db, base_url=stub.base_url)
+    assert_printable(report2)
+    assert "From the cache" in report2 and "Evil]0;pwned" in report2
+    warnings = enrich_manifest([{"path": a}], cache=db, base_url=stub.base_url, offline=True)
+    assert warnings and "'SD 1.5[2J'" in warnings[0]
+    for w in warnings:
+        assert_printable(w)
+    # an error body sent by the server
+    b = "8" * 64
+    stub.script[f"GET /api/v1/model-versions/by-hash/{b.upper()}"] = [("error", 400, "bad\x1b[2J\r\u202ething\x07")]
+    from merger_core.identity.civitai import format_result
+    from merger_core.identity.hashing import FileHashes
+
+    r = ask(stub, [b])[b]
+    text = format_result(b, FileHashes(size=0, sha256=b), r)
+    assert_printable(text)
+    assert "HTTP 400 (bad[2Jthing)" in text
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "-1", "0", "601"])
+def test_cli_lookup_refuses_a_bad_timeout(stub, tmp_path, monkeypatch, capsys, value):
+    from merger_core.cli import main
+
+    monkeypatch.setenv("MODEL_MERGER_HOME", str(tmp_path / "home"))
+    a = helpers.write_model(tmp_path / "a.safetensors", seed=1)
+    timeout = ["--timeout", value] if not value.startswith("-inf") else [f"--timeout={value}"]  # argparse: an option
+    assert main(["lookup", a, "--base-url", stub.base_url, *timeout]) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert err.startswith("error: ") and "timeout" in err and "600" in err and err.count("\n") == 1
+    assert stub.requests == []
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0, -5, 601, 1e9, True, "30"])
+def test_library_refuses_a_bad_timeout_before_any_request(stub, value):
+    from merger_core.errors import ModelMergerError
+
+    with pytest.raises(ModelMergerError, match="timeout"):
+        CivitaiClient(stub.base_url, timeout=value)
+    with pytest.raises(ModelMergerError, match="timeout"):
+        ask(stub, [EXAMPLE_SHA], timeout=value)
+    assert stub.requests == []
+    assert CivitaiClient(stub.base_url, timeout=600).timeout == 600.0
+    assert CivitaiClient(stub.base_url, timeout=None).timeout == civitai.client.DEFAULT_TIMEOUT
+
+
+@pytest.mark.parametrize("target", ["ftp://files.example/x.safetensors", "file:///etc/passwd"])
+def test_redirect_to_a_non_http_address_fails_at_once(stub, target):
+    stub.script[f"GET /api/v1/model-versions/by-hash/{EXAMPLE_SHA}"] = [("redirect", target)]
+    r = ask(stub, [EXAMPLE_SHA], retry=RetryPolicy(max_retries=3, backoff_start=5, backoff_max=5))
+    r = r[EXAMPLE_SHA.lower()]
+    assert r.status == "error" and "not an http" in r.message
+    assert "passwd" not in r.message and "ftp:" not in r.message
+    assert len(stub.requests) == 1
+
+
+@pytest.mark.parametrize("target", ["ftp://files.example/x.safetensors", "file:///etc/passwd"])
+def test_download_redirect_to_a_non_http_address_fails_at_once(stub, tmp_path, target):
+    serve_file(stub)
+    stub.script["GET /api/download/models/77"] = [("redirect", target)]
+    with pytest.raises(DownloadError, match="not an http"):
+        download(77, tmp_path, base_url=stub.base_url, cache=False,
+                 retry=RetryPolicy(max_retries=3, backoff_start=5, backoff_max=5))
+    assert stub.count("GET", "/api/download/models/77") == 1
+    assert helpers.leftovers(tmp_path) == []

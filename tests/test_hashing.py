@@ -232,3 +232,25 @@ def test_cli_hash_prints_and_caches(tmp_path, monkeypatch, capsys):
     assert main(["hash", "-a", "md5", str(p)]) == 2
     assert "md5" in capsys.readouterr().err
     assert main(["hash", str(tmp_path / "none.bin")]) == 2
+
+
+def test_cli_hash_with_home_that_is_a_file_still_hashes(tmp_path):
+    # MODEL_MERGER_HOME names a regular file: the cache cannot live there, so a temporary in-memory one is used
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    p = tmp_path / "hw.txt"
+    p.write_bytes(b"hello world")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for home in (blocker, blocker / "below"):
+        env = dict(os.environ, PYTHONPATH=repo, MODEL_MERGER_HOME=str(home))
+        proc = subprocess.run([sys.executable, "-m", "merger_core", "hash", str(p)], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "B94D27B9934D3E08A52E52D7DA7DABFAC484EFE37A5380EE9088F7ACE2EFCDE9" in proc.stdout
+        assert "Traceback" not in proc.stdout + proc.stderr
+        warning = proc.stderr.strip()
+        assert warning.count("\n") == 0 and "in-memory" in warning and "is a file, not a folder" in warning, warning
+        assert blocker.read_text() == "x"

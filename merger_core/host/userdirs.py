@@ -7,12 +7,18 @@ Order of precedence:
    user directory, so the data lives in ``<ComfyUI user dir>/model_merger``);
 3. the platform's user data folder (``platformdirs.user_data_dir("model-merger")``: ``~/.local/share/model-merger``
    on Linux, ``~/Library/Application Support/model-merger`` on macOS, ``%LOCALAPPDATA%\\model-merger`` on Windows).
+
+A folder that cannot be created (a file is in the way, no permission) is a :class:`~merger_core.errors.ModelMergerError`
+from :func:`data_dir`; the hash cache does not ask for the folder to exist (:func:`cache_db_path` with
+``create_dir=False``) and falls back to a temporary in-memory cache instead (see :mod:`merger_core.identity.cache`).
 """
 
 from __future__ import annotations
 
 import os
 from typing import Optional
+
+from ..errors import ModelMergerError
 
 ENV_VAR = "MODEL_MERGER_HOME"
 APP_NAME = "model-merger"
@@ -45,8 +51,33 @@ def data_dir(create: bool = True) -> str:
         path = platformdirs.user_data_dir(APP_NAME, appauthor=False)
     path = os.path.abspath(path)
     if create:
-        os.makedirs(path, exist_ok=True)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            where = f" (set by {ENV_VAR})" if env else ""
+            raise ModelMergerError(
+                f"Model Merger's data folder {path}{where} cannot be created: {folder_problem(path, exc)}"
+            ) from None
     return path
+
+
+def folder_problem(path: str, exc: OSError) -> str:
+    """Why the folder ``path`` could not be created, in plain words (``exc`` is what ``os.makedirs`` raised)."""
+    probe = os.path.abspath(path)
+    while True:
+        if os.path.lexists(probe):
+            if os.path.islink(probe) and not os.path.exists(probe):
+                return f"{probe} is a link to nothing"
+            if not os.path.isdir(probe):
+                return f"{probe} is a file, not a folder"
+            break
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    return exc.strerror or str(exc)
 
 
 def cache_db_path(create_dir: bool = True) -> str:

@@ -1,9 +1,13 @@
 """A local SQLite cache: file hashes, parsed header facts, and CivitAI answers.
 
 * **File hashes** are keyed by real path, size and modification time (ns). A changed file is rehashed. A file that
-  is not known under its path is first compared by size and a few sampled 64 KiB blocks (see
-  :func:`merger_core.hashing.sample_signature`) with the files already known; when a match has the same modification
-  time, or its old path no longer exists (a move), its hashes are reused without reading the file.
+  is not known under its path is looked for among the files already known with the same size and the same few
+  sampled 64 KiB blocks (:func:`merger_core.hashing.sample_signature`, a pre-filter only: the samples never prove
+  anything). Its hashes are reused without reading it only when it is provably the same file: the same device and
+  inode and the same modification time (a rename or move within one file system, or a hard link). Anything else
+  (a copy, a move across file systems, another file that happens to match the samples) is hashed in full; when its
+  full-file SHA-256 (or BLAKE3) then equals a known file's whose old path is gone, that entry (its other hashes and
+  its facts) is taken over.
 * **Facts** are any JSON value about a file (parsed header facts, structure results), keyed by the file's identity
   and a ``kind`` string; a fact is dropped when the file changes. See :meth:`HashCache.get_fact`.
 * **CivitAI answers** are keyed by SHA-256. "Not found" answers are remembered too, for ``negative_ttl`` seconds.
@@ -31,7 +35,7 @@ from ..host import userdirs
 
 log = logging.getLogger("model_merger.cache")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: files.dev and files.ino (a version 1 database gets the columns, and keeps its rows)
 DEFAULT_NEGATIVE_TTL = 7 * 24 * 3600.0
 BUSY_TIMEOUT_S = 15.0
 
@@ -47,7 +51,9 @@ CREATE TABLE IF NOT EXISTS files (
     autov3_checked INTEGER NOT NULL DEFAULT 0,
     crc32 TEXT,
     blake3 TEXT,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    dev INTEGER,
+    ino INTEGER
 );
 CREATE INDEX IF NOT EXISTS files_by_size ON files(size, sample);
 CREATE INDEX IF NOT EXISTS files_by_sha256 ON files(sha256);
@@ -86,6 +92,8 @@ class FileIdentity:
     path: str  # real path
     size: int
     mtime_ns: int
+    dev: int = 0  # device and inode: 0 where the platform gives none
+    ino: int = 0
 
     @classmethod
     def of(cls, path: str | os.PathLike) -> "FileIdentity":
@@ -96,14 +104,39 @@ class FileIdentity:
             raise BadFileError(f"{os.fspath(path)}: file not found") from None
         except PermissionError:
             raise BadFileError(f"{os.fspath(path)}: permission denied") from None
-        return cls(real, st.st_size, st.st_mtime_ns)
+        return cls(real, st.st_size, st.st_mtime_ns, st.st_dev or 0, st.st_ino or 0)
+
+    def same_inode(self, dev: Optional[int], ino: Optional[int]) -> bool:
+        """True when ``(dev, ino)`` (as stored) is this file's device and inode; never for unknown values."""
+        return bool(self.ino) and dev is not None and ino is not None and (dev, ino) == (self.dev, self.ino)
+
+
+@dataclass
+class _Known:
+    """A row of ``files`` found for another path: a candidate for the same file."""
+
+    path: str
+    mtime_ns: int
+    dev: Optional[int]
+    ino: Optional[int]
+    hashes: FileHashes
+
+    def gone(self) -> bool:
+        """True when the file this row was about is no longer at its path (moved away, deleted or replaced)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        if self.dev is None or self.ino is None or not st.st_ino:
+            return False
+        return (st.st_dev, st.st_ino) != (self.dev, self.ino)
 
 
 class HashCache:
     """The cache. Thread-safe (one connection behind a lock); several processes may open the same file."""
 
     def __init__(self, db_path: Optional[str | os.PathLike] = None, negative_ttl: float = DEFAULT_NEGATIVE_TTL):
-        self.db_path = os.fspath(db_path) if db_path is not None else userdirs.cache_db_path()
+        self.db_path = os.fspath(db_path) if db_path is not None else userdirs.cache_db_path(create_dir=False)
         self.negative_ttl = float(negative_ttl)
         self._lock = threading.RLock()
         self._conn: Optional[sqlite3.Connection] = None
@@ -120,7 +153,9 @@ class HashCache:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version == 1:
+                _add_inode_columns(conn)
+            elif version not in (0, SCHEMA_VERSION):
                 # a cache from another layout: start over (it is only a cache)
                 conn.executescript(
                     "DROP TABLE IF EXISTS files; DROP TABLE IF EXISTS facts; DROP TABLE IF EXISTS civitai;"
@@ -133,10 +168,12 @@ class HashCache:
         return conn
 
     def _open(self) -> None:
+        folder = os.path.dirname(os.path.abspath(self.db_path))
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(self.db_path)), exist_ok=True)
+            os.makedirs(folder, exist_ok=True)
         except OSError as exc:
-            log.warning("hash cache folder for %s cannot be created (%s); using memory", self.db_path, exc)
+            log.warning("the hash cache cannot be kept in %s (%s); using a temporary in-memory cache for this run",
+                        folder, userdirs.folder_problem(folder, exc))
             self._memory()
             return
         for attempt in (0, 1):
@@ -255,12 +292,14 @@ class HashCache:
         ident = FileIdentity.of(path)
         known = self._row(ident)
         sample: Optional[str] = None
+        others: list = []
         if known is None:
             try:
                 sample = sample_signature(ident.path, ident.size)
             except OSError as exc:
                 raise BadFileError(f"{os.fspath(path)}: cannot be read ({exc.strerror or exc})") from exc
-            known = self._adopt_moved(ident, sample)
+            others = self._known_elsewhere(ident, sample)
+            known = self._adopt_moved(ident, sample, others)
         if known is not None and known.has(names):
             if progress is not None:
                 progress(ident.size, ident.size)
@@ -268,11 +307,18 @@ class HashCache:
         missing = [n for n in names if known is None or not known.has([n])]
         fresh = hash_file(ident.path, missing, progress=progress, cancel=cancel, **hash_kwargs)
         result = fresh.merged_with(known) if known is not None else fresh
+        twin = _proven_twin(fresh, others) if known is None else None
+        if twin is not None:  # the full hash shows the same bytes: the known entry's other hashes apply too
+            result = result.merged_with(twin.hashes)
         after = FileIdentity.of(ident.path)
         if after == ident:  # do not store hashes of a file that changed while it was read
             if sample is None:
                 sample = self._sample_of(ident)
-            self.record(ident, result, sample=sample)
+            if twin is not None and twin.gone():
+                self._take_over(ident, sample, result, twin.path)
+                log.debug("recognised %s as %s by its full hash; entry taken over", ident.path, twin.path)
+            else:
+                self.record(ident, result, sample=sample)
         return result
 
     def record(self, path_or_ident, hashes: FileHashes, sample: Optional[str] = None) -> None:
@@ -289,14 +335,7 @@ class HashCache:
         def write(conn):
             old = _row_to_hashes(conn.execute(_SELECT_ROW, (ident.path,)).fetchone(), ident)
             merged = hashes.merged_with(old) if old is not None else hashes
-            conn.execute(
-                "INSERT OR REPLACE INTO files (path, size, mtime_ns, sample, sha256, autov1, autov3, autov3_checked,"
-                " crc32, blake3, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    ident.path, ident.size, ident.mtime_ns, sample, merged.sha256, merged.autov1, merged.autov3,
-                    int(merged.autov3_checked), merged.crc32, merged.blake3, time.time(),
-                ),
-            )
+            _insert_row(conn, ident, sample, merged)
 
         self._run(write, write=True)
 
@@ -309,46 +348,47 @@ class HashCache:
     def _row(self, ident: FileIdentity) -> Optional[FileHashes]:
         return self._run(lambda c: _row_to_hashes(c.execute(_SELECT_ROW, (ident.path,)).fetchone(), ident))
 
-    def _adopt_moved(self, ident: FileIdentity, sample: str) -> Optional[FileHashes]:
-        """Find the same file known under another path (size + samples, and same mtime or old path gone)."""
+    def _known_elsewhere(self, ident: FileIdentity, sample: str) -> list:
+        """Rows for other paths with the same size and samples: candidates, never proof, of the same file."""
 
         def find(conn):
-            rows = conn.execute(
-                "SELECT path, size, mtime_ns, sha256, autov1, autov3, autov3_checked, crc32, blake3 FROM files "
-                "WHERE size = ? AND sample = ? AND path != ?",
+            return conn.execute(
+                "SELECT path, size, mtime_ns, dev, ino, sha256, autov1, autov3, autov3_checked, crc32, blake3 "
+                "FROM files WHERE size = ? AND sample = ? AND path != ?",
                 (ident.size, sample, ident.path),
             ).fetchall()
-            return rows
 
         rows = self._run(find, default=[]) or []
-        for row in rows:
-            old_path, _, old_mtime = row[0], row[1], row[2]
-            gone = not os.path.exists(old_path)
-            if old_mtime != ident.mtime_ns and not gone:
+        return [_Known(r[0], r[2], r[3], r[4], _hashes_from(r[1], r[5:])) for r in rows]
+
+    def _adopt_moved(self, ident: FileIdentity, sample: str, others: list) -> Optional[FileHashes]:
+        """The hashes of the same file known under another path, when that is provable without reading it: the
+        same device, inode and modification time (a rename or move within one file system, or a hard link)."""
+        for known in others:
+            if not (ident.same_inode(known.dev, known.ino) and known.mtime_ns == ident.mtime_ns):
                 continue
-            found = _hashes_from(row[1], row[3:])
-
-            def move(conn, old_path=old_path, gone=gone, found=found):
-                conn.execute(
-                    "INSERT OR REPLACE INTO files (path, size, mtime_ns, sample, sha256, autov1, autov3,"
-                    " autov3_checked, crc32, blake3, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        ident.path, ident.size, ident.mtime_ns, sample, found.sha256, found.autov1, found.autov3,
-                        int(found.autov3_checked), found.crc32, found.blake3, time.time(),
-                    ),
-                )
-                if gone:
-                    conn.execute("DELETE FROM files WHERE path = ?", (old_path,))
-                    conn.execute("DELETE FROM facts WHERE path = ?", (ident.path,))
-                    conn.execute(
-                        "UPDATE facts SET path = ?, mtime_ns = ? WHERE path = ? AND size = ?",
-                        (ident.path, ident.mtime_ns, old_path, ident.size),
-                    )
-
-            self._run(move, write=True)
-            log.debug("recognised %s as %s (moved or copied); hashes reused", ident.path, old_path)
-            return found
+            if known.gone():
+                self._take_over(ident, sample, known.hashes, known.path)
+            else:  # a hard link: both names stay
+                self.record(ident, known.hashes, sample=sample)
+            log.debug("recognised %s as %s (same inode); hashes reused", ident.path, known.path)
+            return known.hashes
         return None
+
+    def _take_over(self, ident: FileIdentity, sample: Optional[str], hashes: FileHashes, old_path: str) -> None:
+        """Store ``hashes`` for ``ident`` and move the entry (row and facts) of ``old_path``, where the same file
+        was before, to it."""
+
+        def move(conn):
+            _insert_row(conn, ident, sample, hashes)
+            conn.execute("DELETE FROM files WHERE path = ?", (old_path,))
+            conn.execute("DELETE FROM facts WHERE path = ?", (ident.path,))
+            conn.execute(
+                "UPDATE facts SET path = ?, mtime_ns = ? WHERE path = ? AND size = ?",
+                (ident.path, ident.mtime_ns, old_path, ident.size),
+            )
+
+        self._run(move, write=True)
 
     def forget(self, path: str | os.PathLike) -> None:
         real = os.path.realpath(os.fspath(path))
@@ -434,6 +474,46 @@ _SELECT_ROW = (
 )
 
 
+def _insert_row(conn, ident: FileIdentity, sample: Optional[str], h: FileHashes) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO files (path, size, mtime_ns, sample, sha256, autov1, autov3, autov3_checked,"
+        " crc32, blake3, updated, dev, ino) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            ident.path, ident.size, ident.mtime_ns, sample, h.sha256, h.autov1, h.autov3, int(h.autov3_checked),
+            h.crc32, h.blake3, time.time(), ident.dev or None, ident.ino or None,
+        ),
+    )
+
+
+def _add_inode_columns(conn: sqlite3.Connection) -> None:
+    """Schema 1 to 2: ``files.dev`` and ``files.ino`` (unknown, so never matched, for the rows already there)."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(files)")}
+    for column in ("dev", "ino"):
+        if have and column not in have:
+            try:
+                conn.execute(f"ALTER TABLE files ADD COLUMN {column} INTEGER")
+            except sqlite3.OperationalError as exc:  # another process added it first
+                if "duplicate column" not in str(exc).lower():
+                    raise
+
+
+def _proven_twin(fresh: FileHashes, others: list) -> Optional["_Known"]:
+    """A candidate whose full-file hashes (SHA-256, BLAKE3) equal the ones just computed for the file: the same
+    bytes. ``None`` when no full-file hash was computed or none matches."""
+    for known in others:
+        compared = False
+        for name in ("sha256", "blake3"):
+            mine, theirs = getattr(fresh, name), getattr(known.hashes, name)
+            if mine is not None and theirs is not None:
+                if mine != theirs:
+                    break
+                compared = True
+        else:
+            if compared:
+                return known
+    return None
+
+
 def _hashes_from(size: int, cols: Tuple) -> FileHashes:
     sha256, autov1, autov3, checked, crc32, blake3 = cols
     h = FileHashes(size=size, sha256=sha256, autov1=autov1, autov3=autov3, crc32=crc32, blake3=blake3)
@@ -465,7 +545,7 @@ _shared_lock = threading.Lock()
 
 def open_cache(db_path: Optional[str | os.PathLike] = None) -> HashCache:
     """A process-wide :class:`HashCache` for ``db_path`` (default location when ``None``)."""
-    path = os.path.abspath(os.fspath(db_path)) if db_path is not None else userdirs.cache_db_path()
+    path = os.path.abspath(os.fspath(db_path)) if db_path is not None else userdirs.cache_db_path(create_dir=False)
     with _shared_lock:
         cache = _shared.get(path)
         if cache is None:

@@ -328,8 +328,9 @@ def _hash_stream(f, size, algorithms, progress, cancel, chunk_size, threads, bla
 
 
 def sample_signature(path: str | os.PathLike, size: Optional[int] = None) -> str:
-    """A digest of the file size and a few 64 KiB samples (start, quarters, end): recognises a moved file
-    without reading it all. Not a content hash: only used together with the size and the modification time."""
+    """A digest of the file size and a few 64 KiB samples (start, quarters, end): a cheap pre-filter for finding a
+    moved file among known ones. Not a content hash and never proof: two files that differ only between the samples
+    have the same signature, so the cache reuses hashes only for the same inode (or after a full hash)."""
     path = os.fspath(path)
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:

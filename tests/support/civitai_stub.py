@@ -17,8 +17,10 @@ A version may carry ``"_match": [hashes]``: hashes it is served for although its
 
 Every request is recorded in ``stub.requests`` as ``(method, path, headers dict)``. ``stub.script`` maps
 ``"METHOD path"`` to a list of scripted answers used first, one per request: an int status (empty JSON error body),
-``"malformed"`` (200 with a body that is not JSON), ``("sleep", seconds)`` (answer late), or ``("cut", n)`` (a file
-answer that stops after n bytes).
+``"malformed"`` (200 with a body that is not JSON), ``("json", value)`` (200 with ``value`` as the JSON body, e.g. an
+answer with the wrong types), ``("error", status, text)`` (that status with ``{"error": text}``), ``("redirect",
+url)`` (a 302 to ``url``), ``("sleep", seconds)`` (answer late), or
+``("cut", n)`` (a file answer that stops after n bytes).
 """
 
 from __future__ import annotations
@@ -122,8 +124,10 @@ class CivitaiStub:
         for v in self.versions.values():
             if h in [x.upper() for x in v.get("_match", ())]:  # answers for hashes not in files[] (archived)
                 return v
-            for f in v.get("files") or []:
-                if h in [x.upper() for x in (f.get("hashes") or {}).values()]:
+            files = v.get("files")
+            for f in files if isinstance(files, list) else []:  # a deliberately malformed version has no match
+                hashes = f.get("hashes") if isinstance(f, dict) else None
+                if isinstance(hashes, dict) and h in [str(x).upper() for x in hashes.values()]:
                     return v
         return None
 
@@ -138,6 +142,12 @@ class CivitaiStub:
             return web.json_response({"error": f"scripted {step}"}, status=step)
         if step == "malformed":
             return web.Response(text="<html>not json", content_type="application/json")
+        if isinstance(step, tuple) and step[0] == "json":
+            return web.json_response(step[1])
+        if isinstance(step, tuple) and step[0] == "error":
+            return web.json_response({"error": step[2]}, status=step[1])
+        if isinstance(step, tuple) and step[0] == "redirect":
+            return web.Response(status=302, headers={"Location": step[1]})
         if isinstance(step, tuple) and step[0] == "sleep":
             await asyncio.sleep(step[1])
             return None

@@ -2,8 +2,8 @@
 (:mod:`.families`), ``scan --civitai`` (:mod:`.enrich`) and downloads (:mod:`.download`)."""
 
 from .client import (  # noqa: F401
-    DEFAULT_BASE_URL, ENV_API_KEY, ENV_BASE_URL, CivitaiClient, CivitaiError, CivitaiResult, DownloadError, RetryPolicy, redact, resolve_api_key,
-    resolve_base_url, site_url,
+    DEFAULT_BASE_URL, ENV_API_KEY, ENV_BASE_URL, MAX_TIMEOUT, CivitaiClient, CivitaiError, CivitaiResult, DownloadError, RetryPolicy,
+    check_timeout, check_version, printable, redact, resolve_api_key, resolve_base_url, site_url,
 )
 from .download import download, download_async  # noqa: F401
 from .enrich import enrich_manifest  # noqa: F401

@@ -17,6 +17,12 @@ The API key comes from the caller (pack settings) or the ``CIVITAI_API_KEY`` env
 as an ``Authorization: Bearer`` header to the API's own host, and never appears in logs, error messages, results,
 metadata or manifests (:func:`redact` is applied to every message built from outside text).
 
+Nothing CivitAI says is trusted as it comes: an answer whose parts have the wrong JSON types is one failed lookup
+(:class:`CivitaiError`, "malformed answer"), never a crash, and every text taken from an answer or an error body
+goes through :func:`printable` (no control characters, no bidi overrides) before it is kept or shown. Redirects
+are followed by hand, to http and https addresses only. A timeout must be a number of seconds above 0 and at most
+:data:`MAX_TIMEOUT`.
+
 Everything here is blocking-free for an event loop only in the ``async`` functions; the plain functions
 (:func:`lookup_report`, :func:`enrich_manifest`, :func:`download`) run their own event loop and are meant for a
 worker thread (the ComfyUI node) or the CLI.
@@ -28,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -43,6 +50,9 @@ ENV_API_KEY = "CIVITAI_API_KEY"
 ENV_BASE_URL = "MODEL_MERGER_CIVITAI_URL"
 BATCH_SIZE = 100
 DEFAULT_TIMEOUT = 30.0
+MAX_TIMEOUT = 600.0
+MAX_REDIRECTS = 10
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 USER_AGENT = "model-merger (+https://github.com/model-merger/model-merger)"
 MAX_IMAGES = 8
 DOWNLOAD_CHUNK = 4 * 1024 * 1024
@@ -103,6 +113,49 @@ def redact(text: str, *secrets: Optional[str]) -> str:
     return out
 
 
+# C0 controls (tab and newline too), DEL, C1 controls, and the bidi embeddings, overrides and isolates
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: Any) -> str:
+    """``text`` without control characters (C0 including tab and newline, DEL, C1) and bidi overrides
+    (U+202A-U+202E, U+2066-U+2069), so that text chosen by uploaders or sent by a server cannot move the cursor,
+    retitle or clear the terminal, start a forged report line or reorder what is shown. Letters, marks, symbols
+    and spaces of any script are kept. ``None`` gives ``""``."""
+    if text is None:
+        return ""
+    return _CONTROL.sub("", str(text))
+
+
+def check_timeout(timeout: Any) -> float:
+    """``timeout`` as seconds if it is a finite number above 0 and at most :data:`MAX_TIMEOUT`; ``None`` is the
+    default. Anything else is a :class:`ModelMergerError` (before any network use)."""
+    if timeout is None:
+        return DEFAULT_TIMEOUT
+    ok = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+    value = float(timeout) if ok else math.nan
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
+        shown = printable(repr(timeout) if not ok else f"{value:g}")[:40]
+        raise ModelMergerError(
+            f"timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT:g} (got {shown})"
+        )
+    return value
+
+
+def redirect_target(base, location: str) -> Optional[str]:
+    """The address a redirect from ``base`` (a :class:`yarl.URL`) with ``Location: location`` leads to, or
+    ``None`` if it is not an http or https address (``file:``, ``ftp:``, unreadable)."""
+    from yarl import URL
+
+    try:
+        target = base.join(URL(location))
+    except (ValueError, TypeError):
+        return None
+    if target.scheme not in ("http", "https") or not target.host:
+        return None
+    return str(target)
+
+
 def site_url(base_url: str) -> str:
     """The site root for page and download addresses: the API base without its ``/api/v1`` tail."""
     base = base_url.rstrip("/")
@@ -153,16 +206,19 @@ class CivitaiResult:
 
     @classmethod
     def from_version(cls, sha256: str, version: Mapping[str, Any], site: str, source: str = "civitai") -> "CivitaiResult":
+        """The result for ``sha256`` from CivitAI's version JSON. Raises :class:`CivitaiError` when the JSON is
+        malformed (see :func:`check_version`); every text in the result is :func:`printable`."""
+        check_version(version)
         sha = sha256.lower()
         files = version.get("files") or []
         mine = None
         for f in files:
-            if isinstance(f, dict) and str(((f.get("hashes") or {}).get("SHA256") or "")).lower() == sha:
+            if _file_sha256(f) == sha:
                 mine = f
                 break
         model = version.get("model") or {}
-        images = [i.get("url") for i in (version.get("images") or []) if isinstance(i, dict) and i.get("url")]
-        words = [str(w).strip() for w in (version.get("trainedWords") or []) if str(w).strip()]
+        images = [_str(i.get("url")) for i in (version.get("images") or []) if _str(i.get("url"))]
+        words = [printable(w).strip() for w in (version.get("trainedWords") or []) if printable(w).strip()]
         model_id = _int(version.get("modelId"))
         version_id = _int(version.get("id"))
         page = None
@@ -225,7 +281,76 @@ def _int(v) -> Optional[int]:
 
 
 def _str(v) -> Optional[str]:
-    return v if isinstance(v, str) and v else None
+    return (printable(v) or None) if isinstance(v, str) else None
+
+
+def _kind(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true/false"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "an object"
+    return "something else"
+
+
+def _malformed(version: Any, problem: str) -> CivitaiError:
+    vid = _int(version.get("id")) if isinstance(version, dict) else None
+    about = f" (version {vid})" if vid is not None else ""
+    return CivitaiError(f"CivitAI sent a malformed answer{about}: {problem}")
+
+
+def _version_files(version: Any) -> List[dict]:
+    """The ``files`` of a version answer, checked: a list of objects whose ``hashes`` is an object."""
+    if not isinstance(version, dict):
+        raise _malformed(version, f"a model version is {_kind(version)}, not an object")
+    files = version.get("files")
+    if files is None:
+        return []
+    if not isinstance(files, list):
+        raise _malformed(version, f"'files' is {_kind(files)}, not a list")
+    for f in files:
+        if not isinstance(f, dict):
+            raise _malformed(version, f"an entry of 'files' is {_kind(f)}, not an object")
+        for name in ("hashes", "metadata"):
+            if f.get(name) is not None and not isinstance(f[name], dict):
+                raise _malformed(version, f"a file's '{name}' is {_kind(f[name])}, not an object")
+    return files
+
+
+def check_version(version: Any) -> None:
+    """Raise :class:`CivitaiError` ("malformed answer") unless ``version`` has the JSON types the API documents
+    where this program reads it: an object; ``model`` an object; ``files`` a list of objects (their ``hashes`` and
+    ``metadata`` objects); ``images`` a list of objects; ``trainedWords`` a list of strings (or numbers). Missing
+    or null parts are fine; single values of the wrong type are ignored where they are read."""
+    _version_files(version)
+    model = version.get("model")
+    if model is not None and not isinstance(model, dict):
+        raise _malformed(version, f"'model' is {_kind(model)}, not an object")
+    images = version.get("images")
+    if images is not None:
+        if not isinstance(images, list):
+            raise _malformed(version, f"'images' is {_kind(images)}, not a list")
+        for i in images:
+            if not isinstance(i, dict):
+                raise _malformed(version, f"an entry of 'images' is {_kind(i)}, not an object")
+    words = version.get("trainedWords")
+    if words is not None:
+        if not isinstance(words, list):
+            raise _malformed(version, f"'trainedWords' is {_kind(words)}, not a list")
+        for w in words:
+            if isinstance(w, bool) or not isinstance(w, (str, int, float)):
+                raise _malformed(version, f"an entry of 'trainedWords' is {_kind(w)}, not a string")
+
+
+def _file_sha256(f: dict) -> str:
+    return str((f.get("hashes") or {}).get("SHA256") or "").strip().lower()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -246,7 +371,7 @@ class CivitaiClient:
         self.base_url = resolve_base_url(base_url)
         self.site = site_url(self.base_url)
         self._api_key = resolve_api_key(api_key)
-        self.timeout = float(timeout)
+        self.timeout = check_timeout(timeout)
         self.retry = retry or RetryPolicy()
         self._session = None
         self.requests_made = 0
@@ -278,7 +403,29 @@ class CivitaiClient:
         return {}
 
     def _clean(self, text: str) -> str:
-        return redact(text, self._api_key)
+        """A message built from outside text, fit to show: no secrets, no control characters."""
+        return printable(redact(text, self._api_key))
+
+    async def _send(self, method: str, url: str, body: Any, what: str):
+        """One request, following redirects by hand (at most :data:`MAX_REDIRECTS`): only to http and https
+        addresses, and with the API key only for the API's own host. Returns the final response (to be released)."""
+        target = url
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = await self._session.request(
+                method, target, json=body, headers=self._headers_for(target), allow_redirects=False
+            )
+            location = resp.headers.get("Location")
+            if resp.status not in REDIRECT_STATUSES or not location:
+                return resp
+            resp.release()
+            target = redirect_target(resp.url, location)
+            if target is None:
+                raise CivitaiError(
+                    f"CivitAI redirected {what} to an address that is not an http or https address; not followed"
+                )
+            if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
+                method, body = "GET", None
+        raise CivitaiError(f"CivitAI redirected {what} more than {MAX_REDIRECTS} times; not followed")
 
     async def _request(self, method: str, path: str, body: Any = None) -> Tuple[int, Any]:
         """Send one API request with retries; returns (status, parsed JSON or None for a 404)."""
@@ -294,7 +441,7 @@ class CivitaiClient:
             problem: Optional[str] = None
             retry_after = None
             try:
-                async with self._session.request(method, url, json=body, headers=self._headers_for(url)) as resp:
+                async with await self._send(method, url, body, what) as resp:
                     status = resp.status
                     log.debug("CivitAI %s -> %s", what, status)
                     if status == 404:
@@ -339,8 +486,9 @@ class CivitaiClient:
             raise CivitaiError("CivitAI answered a by-hash lookup with JSON that is not an object")
         return doc
 
-    async def versions_by_hashes(self, hashes: Sequence[str]) -> List[dict]:
-        """Versions found for up to :data:`BATCH_SIZE` SHA-256 hashes (misses are left out by CivitAI)."""
+    async def versions_by_hashes(self, hashes: Sequence[str]) -> List[Any]:
+        """Versions found for up to :data:`BATCH_SIZE` SHA-256 hashes (misses are left out by CivitAI), as sent:
+        an item may be malformed, which :func:`_versions_for` and :meth:`CivitaiResult.from_version` find."""
         if len(hashes) > BATCH_SIZE:
             raise ValueError(f"at most {BATCH_SIZE} hashes per request")
         status, doc = await self._request("POST", "/model-versions/by-hash", [h.strip().upper() for h in hashes])
@@ -348,7 +496,7 @@ class CivitaiClient:
             return []
         if not isinstance(doc, list):
             raise CivitaiError("CivitAI answered a batch lookup with JSON that is not a list")
-        return [v for v in doc if isinstance(v, dict)]
+        return list(doc)
 
     async def version(self, version_id: int) -> Optional[dict]:
         status, doc = await self._request("GET", f"/model-versions/{int(version_id)}")
@@ -364,7 +512,7 @@ async def _error_detail(resp) -> str:
         text = await resp.text()
         doc = json.loads(text)
         if isinstance(doc, dict) and isinstance(doc.get("error"), str):
-            return f" ({doc['error'][:200]})"
+            return f" ({printable(doc['error'])[:200]})"
     except Exception:
         pass
     return ""
@@ -379,9 +527,20 @@ def _same_host(url: str, base: str) -> bool:
 # Lookups through the cache
 
 
-def _versions_for(sha: str, versions: Iterable[dict]) -> Optional[dict]:
+def _versions_for(sha: str, versions: Iterable[Any]) -> Optional[dict]:
+    """The version of a batch answer whose files list ``sha``, or ``None``. When none does and an item of the
+    answer could not be read (malformed), whether ``sha`` is on CivitAI is unknown: :class:`CivitaiError`, so that
+    it is not remembered as "not on CivitAI"."""
+    unreadable: Optional[CivitaiError] = None
     for v in versions:
-        for f in v.get("files") or []:
-            if isinstance(f, dict) and str(((f.get("hashes") or {}).get("SHA256") or "")).lower() == sha:
+        try:
+            files = _version_files(v)
+        except CivitaiError as exc:
+            unreadable = unreadable or exc
+            continue
+        for f in files:
+            if _file_sha256(f) == sha:
                 return v
+    if unreadable is not None:
+        raise CivitaiError(f"{unreadable}; whether this file is on CivitAI is not known")
     return None

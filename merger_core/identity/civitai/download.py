@@ -11,12 +11,15 @@ from urllib.parse import unquote, urlsplit
 
 from ...errors import ModelMergerError
 from ..hashing import CancelFn, FileHashes, ProgressFn, normalize_sha256
-from .client import DEFAULT_TIMEOUT, DOWNLOAD_CHUNK, USER_AGENT, CivitaiClient, CivitaiError, DownloadError, RetryPolicy, _same_host, log, redact
+from .client import (
+    DEFAULT_TIMEOUT, DOWNLOAD_CHUNK, MAX_REDIRECTS, REDIRECT_STATUSES, USER_AGENT, CivitaiClient, CivitaiError, DownloadError, RetryPolicy,
+    _same_host, check_version, log, printable, redact, redirect_target,
+)
 from .lookup import _open_cache, run_sync
 
 def _safe_filename(name: str) -> Optional[str]:
     name = unquote(name or "").replace("\\", "/").split("/")[-1].strip()
-    name = re.sub(r"[\x00-\x1f<>:\"|?*]", "_", name)
+    name = printable(re.sub(r"[\x00-\x1f<>:\"|?*]", "_", name)).strip()
     if not name or name in (".", "..") or name.startswith("."):
         return None
     return name[:200]
@@ -60,7 +63,6 @@ async def download_async(
 ) -> str:
     """See :func:`download`."""
     import aiohttp
-    from yarl import URL
 
     dest_folder = os.fspath(dest_folder)
     if not os.path.isdir(dest_folder):
@@ -84,12 +86,18 @@ async def download_async(
                 raise DownloadError(f"cannot get CivitAI version {version_id}: {exc}") from None
         if v is None:
             raise DownloadError(f"CivitAI has no model version {version_id}")
+        try:
+            check_version(v)
+        except CivitaiError as exc:
+            raise DownloadError(f"cannot get CivitAI version {version_id}: {exc}") from None
         f = _pick_file(v)
         if f is not None:
             name = name or _safe_filename(f.get("name") or "")
             if want is None:
                 want = normalize_sha256((f.get("hashes") or {}).get("SHA256"))
         url = (f or {}).get("downloadUrl") or v.get("downloadUrl") or f"{client.site}/api/download/models/{version_id}"
+        if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
+            raise DownloadError(f"CivitAI gave version {version_id} a download address that is not an http or https address")
     else:
         url = str(ref).strip()
         if urlsplit(url).scheme not in ("http", "https"):
@@ -130,20 +138,25 @@ async def download_async(
             retry_after = None
             try:
                 target = url
-                for _ in range(10):
+                for _ in range(MAX_REDIRECTS + 1):
                     headers = {}
                     if client._api_key and _same_host(target, client.base_url):
                         headers["Authorization"] = f"Bearer {client._api_key}"
                     if done:
                         headers["Range"] = f"bytes={done}-"
                     resp = await session.get(target, headers=headers, allow_redirects=False)
-                    if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
-                        target = str(resp.url.join(URL(resp.headers["Location"])))
+                    if resp.status in REDIRECT_STATUSES and resp.headers.get("Location"):
                         resp.release()
+                        target = redirect_target(resp.url, resp.headers["Location"])
+                        if target is None:
+                            raise DownloadError(
+                                "download failed: the server redirected to an address that is not an http or "
+                                "https address; not followed"
+                            )
                         continue
                     break
                 else:
-                    raise DownloadError("too many redirects")
+                    raise DownloadError(f"download failed: more than {MAX_REDIRECTS} redirects")
                 async with resp:
                     status = resp.status
                     log.debug("download %s -> %s", clean(urlsplit(target).path), status)

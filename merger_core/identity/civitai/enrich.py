@@ -8,7 +8,7 @@ from typing import Callable, List, Optional
 
 from ...errors import ModelMergerError
 from ..hashing import CancelFn, FileHashes
-from .client import DEFAULT_TIMEOUT, RetryPolicy
+from .client import DEFAULT_TIMEOUT, RetryPolicy, check_timeout, printable
 from .families import base_model_family, detect_architecture, structure_family
 from .lookup import _entry_path, _manifest_entries, _open_cache, lookup_hashes
 
@@ -38,7 +38,10 @@ def enrich_manifest(
     CivitAI base model disagrees with their structure (Pony, Illustrious and NoobAI are SDXL: agreement).
 
     ``manifest`` is a :class:`merger_core.manifest.Manifest` (entries in ``.models`` with ``path``, ``sha256``,
-    ``civitai``) or a list of such entries or dicts. Relative paths resolve against ``base_dir``."""
+    ``civitai``) or a list of such entries or dicts. Relative paths resolve against ``base_dir``. A lookup that
+    fails (unreachable, malformed answer) is a warning for that file; the others carry on. The warnings are
+    :func:`printable` (names and messages from CivitAI included). A bad ``timeout`` raises before any file is read."""
+    check_timeout(timeout)
     entries = _manifest_entries(manifest)
     store = _open_cache(cache)
     warnings: List[str] = []
@@ -93,7 +96,7 @@ def enrich_manifest(
             )
     if errors > 1:
         warnings.append(f"CivitAI lookup failed for {errors} files in all")
-    return warnings
+    return [printable(w) for w in warnings]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tup
 
 from ...errors import ModelMergerError
 from ..hashing import CancelFn, FileHashes, normalize_sha256
-from .client import BATCH_SIZE, DEFAULT_TIMEOUT, CivitaiClient, CivitaiError, CivitaiResult, RetryPolicy, _versions_for
+from .client import (
+    BATCH_SIZE, DEFAULT_TIMEOUT, CivitaiClient, CivitaiError, CivitaiResult, RetryPolicy, _versions_for, check_timeout, printable,
+)
 
 async def lookup_hashes_async(
     hashes: Sequence[str],
@@ -26,7 +28,9 @@ async def lookup_hashes_async(
     negative_ttl: Optional[float] = None,
 ) -> Dict[str, CivitaiResult]:
     """Look SHA-256 hashes up: the cache first (unless ``refresh``), then CivitAI in batches (one GET for a single
-    hash). Returns ``{sha256 (lower case): CivitaiResult}``; network problems give ``status="error"`` results."""
+    hash). Returns ``{sha256 (lower case): CivitaiResult}``; network problems and malformed answers give
+    ``status="error"`` results (nothing is remembered for them). A bad ``timeout`` raises before any request."""
+    check_timeout(timeout)
     shas: List[str] = []
     for h in hashes:
         s = normalize_sha256(h)
@@ -42,11 +46,19 @@ async def lookup_hashes_async(
     todo: List[str] = []
     for s in shas:
         entry = cache.get_civitai(s, negative_ttl) if (cache is not None and not refresh) else None
+        r = None
         if entry is not None:
             if entry.found:
-                r = CivitaiResult.from_version(s, entry.data, site, source="cache")
+                try:
+                    r = CivitaiResult.from_version(s, entry.data, site, source="cache")
+                except CivitaiError as exc:  # kept by an older version of this program: ask again
+                    if offline:
+                        results[s] = CivitaiResult(s, "error", source="cache",
+                                                   message=f"the cached answer cannot be used: {exc}")
+                        continue
             else:
                 r = CivitaiResult(s, "not_found", source="cache", message="not on CivitAI (remembered)")
+        if r is not None:
             r.fetched = entry.fetched
             results[s] = r
         elif offline:
@@ -68,7 +80,11 @@ async def lookup_hashes_async(
                 _remember(cache, s, None)
                 results[s] = CivitaiResult(s, "not_found", message="not on CivitAI")
                 return
-            r = CivitaiResult.from_version(s, v, site)
+            try:
+                r = CivitaiResult.from_version(s, v, site)
+            except CivitaiError as exc:
+                results[s] = CivitaiResult(s, "error", message=str(exc))
+                return
             files = v.get("files") or []
             if not r.confirmed and files:
                 results[s] = CivitaiResult(
@@ -90,13 +106,17 @@ async def lookup_hashes_async(
                 continue
             now = time.time()
             for s in batch:
-                v = _versions_for(s, versions)
-                if v is None:
+                try:  # one malformed version is one failed entry; the rest of the batch carries on
+                    v = _versions_for(s, versions)
+                    r = CivitaiResult.from_version(s, v, site) if v is not None else None
+                except CivitaiError as exc:
+                    results[s] = CivitaiResult(s, "error", message=str(exc))
+                    continue
+                if r is None:
                     _remember(cache, s, None)
                     results[s] = CivitaiResult(s, "not_found", message="not on CivitAI")
                 else:
                     _remember(cache, s, v)
-                    r = CivitaiResult.from_version(s, v, site)
                     r.fetched = now
                     results[s] = r
 
@@ -170,7 +190,8 @@ def lookup_files(
     negative_ttl: Optional[float] = None,
 ) -> List[Tuple[str, FileHashes, CivitaiResult]]:
     """Hash each file (through the cache) and look them up. ``progress(path, done_bytes, total_bytes)`` reports
-    hashing. ``cache=False`` uses no cache at all."""
+    hashing. ``cache=False`` uses no cache at all. A bad ``timeout`` raises before any file is read."""
+    check_timeout(timeout)
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     elif hasattr(paths, "models") or hasattr(paths, "entries"):  # a Manifest
@@ -195,31 +216,35 @@ def lookup_files(
 
 
 def format_result(name: str, hashes: FileHashes, r: CivitaiResult) -> str:
-    lines = [f"{name}", f"  SHA256 {hashes.sha256.upper()}  AutoV2 {hashes.autov2.upper()}"]
+    """The text for one file. Every text in ``r`` came from CivitAI (or an uploader): it goes through
+    :func:`printable` here as well, whatever built ``r``, so no control character reaches a terminal."""
+    t = printable
+    lines = [t(name), f"  SHA256 {hashes.sha256.upper()}  AutoV2 {hashes.autov2.upper()}"]
     if r.status == "found":
-        lines.append(f"  Model: {r.model_name or '?'} / version {r.version_name or '?'} "
+        lines.append(f"  Model: {t(r.model_name) or '?'} / version {t(r.version_name) or '?'} "
                      f"(model {r.model_id}, version {r.version_id})")
-        base = r.base_model or "?"
+        base = t(r.base_model) or "?"
         if r.base_model_type and r.base_model_type != "Standard":
-            base += f" ({r.base_model_type})"
-        lines.append(f"  Base model: {base}; type: {r.model_type or '?'}")
+            base += f" ({t(r.base_model_type)})"
+        lines.append(f"  Base model: {base}; type: {t(r.model_type) or '?'}")
         if r.trained_words:
-            lines.append(f"  Trained words: {', '.join(r.trained_words)}")
+            lines.append(f"  Trained words: {', '.join(t(w) for w in r.trained_words)}")
         if r.file_format or r.file_precision:
-            lines.append(f"  File: {r.file_format or '?'} {r.file_precision or ''}".rstrip())
+            lines.append(f"  File: {t(r.file_format) or '?'} {t(r.file_precision)}".rstrip())
         if r.page_url:
-            lines.append(f"  Page: {r.page_url}")
+            lines.append(f"  Page: {t(r.page_url)}")
         if r.image_urls:
-            lines.append(f"  Images: {' '.join(r.image_urls[:3])}" + (" ..." if len(r.image_urls) > 3 else ""))
+            lines.append(f"  Images: {' '.join(t(u) for u in r.image_urls[:3])}"
+                         + (" ..." if len(r.image_urls) > 3 else ""))
         if not r.confirmed and r.message:
-            lines.append(f"  Note: {r.message}")
+            lines.append(f"  Note: {t(r.message)}")
     elif r.status == "not_found":
         lines.append(f"  Not on CivitAI{' (remembered from an earlier lookup)' if r.source == 'cache' else ''}"
-                     + (f": {r.message}" if r.message and 'version' in r.message else ""))
+                     + (f": {t(r.message)}" if r.message and 'version' in r.message else ""))
     elif r.status == "offline":
         lines.append("  Offline: not in the local cache")
     else:
-        lines.append(f"  Lookup failed: {r.message}")
+        lines.append(f"  Lookup failed: {t(r.message)}")
     if r.status in ("found", "not_found") and r.source == "cache" and r.fetched:
         lines.append(f"  From the cache (asked {time.strftime('%Y-%m-%d %H:%M', time.localtime(r.fetched))})")
     return "\n".join(lines)
@@ -249,11 +274,12 @@ def lookup_report(
     for p, h, r in rows:
         parts.append(format_result(os.path.basename(p), h, r))
         if r.found:
-            for w in r.trained_words:
-                if w not in words:
+            for w in map(printable, r.trained_words):
+                if w and w not in words:
                     words.append(w)
-            if r.base_model and r.base_model not in bases:
-                bases.append(r.base_model)
+            base = printable(r.base_model)
+            if base and base not in bases:
+                bases.append(base)
     return "\n\n".join(parts), ", ".join(words), ", ".join(bases)
 
 
