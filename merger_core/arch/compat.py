@@ -21,7 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import IncompatibleModelsError
 from ..io.safetensors import DTYPE_SIZES, FLOAT_DTYPES, SafetensorsHeader, dtype_label, read_header
-from ..units import mem_available
+from ..io.writer import FREE_DISK_MARGIN
+from ..units import human_bytes, mem_available
 from .detect import Detection, detect_header
 from .fingerprints import get_fingerprint
 from .keys import KeyReport, compare_keys, compare_tensors
@@ -306,22 +307,21 @@ def _estimates(headers, per_file, device: str, output_path, out_dtype: str) -> E
         est.disk_free_bytes = shutil.disk_usage(folder).free
     except OSError:
         est.disk_free_bytes = None
-    gib = 2 ** 30
-    if est.disk_free_bytes is not None and est.disk_free_bytes < est.output_bytes + 16 * 2 ** 20:
+    if est.disk_free_bytes is not None and est.disk_free_bytes < est.output_bytes + FREE_DISK_MARGIN:
         est.fits = False
         est.problems.append(
-            f"not enough free disk in {folder}: the output needs {est.output_bytes / gib:.2f} GiB, "
-            f"{est.disk_free_bytes / gib:.2f} GiB are free"
+            f"not enough free disk in {folder}: the output needs about {human_bytes(est.output_bytes)} and "
+            f"{human_bytes(FREE_DISK_MARGIN)} are kept free beside it; {human_bytes(est.disk_free_bytes)} are free"
         )
     if est.vram_bytes is not None and est.vram_free_bytes is not None and est.vram_bytes > est.vram_free_bytes:
         est.fits = False
         est.problems.append(
-            f"{device}: about {est.vram_bytes / gib:.2f} GiB of GPU memory needed, {est.vram_free_bytes / gib:.2f} GiB free"
+            f"{device}: about {human_bytes(est.vram_bytes)} of GPU memory needed, {human_bytes(est.vram_free_bytes)} free"
         )
     if est.ram_available_bytes is not None and est.peak_ram_bytes_linear > est.ram_available_bytes:
         est.fits = False
         est.problems.append(
-            f"about {est.peak_ram_bytes_linear / gib:.2f} GiB of RAM needed, {est.ram_available_bytes / gib:.2f} GiB available"
+            f"about {human_bytes(est.peak_ram_bytes_linear)} of RAM needed, {human_bytes(est.ram_available_bytes)} available"
         )
     return est
 

@@ -94,3 +94,8 @@ class Signals:
 def interrupted_message(sig: Signals) -> str:
     return f"interrupted ({sig.name}); no output was written"
 
+
+
+def signals_of(args) -> Signals:
+    """The command's :class:`Signals` (set by ``main``), or an idle one for a command run without ``main``."""
+    return getattr(args, "_signals", None) or Signals()

@@ -9,6 +9,7 @@ from ..merge.runner import merge_to_file
 from ..merge.plan import prepare
 from ..errors import ManifestError
 from ..units import human_bytes
+from ._signals import signals_of
 from ._progress import ProgressBar
 
 NAME = "cross-merge"
@@ -87,8 +88,8 @@ def run(args) -> int:
         print(f"dry run: would write {human_bytes(prep.output_bytes)} ({len(prep.jobs)} tensors)")
         return 0
     with ProgressBar("cross-merge", enabled=not args.no_progress) as bar:
-        with args._signals.polling():
+        with signals_of(args).polling():
             res = merge_to_file(cp.plan, args.output, overwrite=args.overwrite, progress=bar, prepared=prep,
-                                cancel=args._signals)
+                                cancel=signals_of(args))
     print(f"wrote {res.output} ({human_bytes(res.output_bytes)}, {res.keys} tensors, {res.seconds:.1f} s)")
     return 0

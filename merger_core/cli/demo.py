@@ -6,6 +6,7 @@ import os
 import sys
 
 from ..units import human_bytes
+from ._signals import signals_of
 from ._progress import ProgressBar
 
 NAME = "demo"
@@ -34,8 +35,8 @@ def run(args) -> int:
     folder = os.path.abspath(args.dir)
     print(f"building {len(DEMO_MODELS)} small SD1.5 checkpoints in {os.path.join(folder, 'inputs')}", file=out)
     with ProgressBar("merging", enabled=not args.no_progress) as bar:
-        with args._signals.polling():
-            rep = run_demo(folder, dtype=args.dtype, device=args.device, progress=bar, cancel=args._signals)
+        with signals_of(args).polling():
+            rep = run_demo(folder, dtype=args.dtype, device=args.device, progress=bar, cancel=signals_of(args))
     print(f"  {len(rep.inputs)} inputs, {human_bytes(rep.input_bytes)} in all:", file=out)
     for path, w in zip(rep.inputs, rep.weights):
         print(f"    {os.path.relpath(path, folder)}  weight {w:g}", file=out)

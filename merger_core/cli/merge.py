@@ -7,6 +7,7 @@ import sys
 
 from ..errors import IncompatibleModelsError, ModelMergerError
 from ..units import human_bytes
+from ._signals import signals_of
 from ._progress import DEFAULT_NOTIFY_AFTER, ProgressBar, RunNotifier
 
 NAME = "merge"
@@ -65,9 +66,9 @@ def run(args) -> int:
             raise exc
         _describe(out, plan, prep, output)
         with ProgressBar("merging", enabled=not args.no_progress) as bar:
-            with args._signals.polling():
+            with signals_of(args).polling():
                 result = merge_to_file(plan, output, overwrite=args.overwrite, progress=bar, prepared=prep,
-                                       cancel=args._signals)
+                                       cancel=signals_of(args))
     except ModelMergerError as exc:
         notifier.finish(False, f"{os.path.basename(output)}: {exc}")
         raise

@@ -8,6 +8,7 @@ from ..merge.runner import merge_to_file
 from ..merge.plan import prepare
 from ..merge.train import plan_difference
 from ..units import human_bytes
+from ._signals import signals_of
 from ._progress import ProgressBar
 
 NAME = "train-diff"
@@ -42,9 +43,9 @@ def run(args) -> int:
     )
     prep = prepare(plan)
     with ProgressBar("train-diff", enabled=not args.no_progress) as bar:
-        with args._signals.polling():
+        with signals_of(args).polling():
             res = merge_to_file(plan, args.output, overwrite=args.overwrite, progress=bar, prepared=prep,
-                                cancel=args._signals)
+                                cancel=signals_of(args))
     for n in res.notes:
         print(f"note: {n}", file=sys.stderr)
     print(f"wrote {res.output} ({human_bytes(res.output_bytes)}, {res.keys} tensors, {res.seconds:.1f} s)")

@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 from .hashing import DEFAULT_ALGORITHMS, FileHashes, CancelFn, ProgressFn, hash_file, normalize_algorithms, sample_signature
 from ..errors import BadFileError
 from ..host import userdirs
+from ..io.files import not_regular_reason
 
 log = logging.getLogger("model_merger.cache")
 
@@ -104,6 +105,11 @@ class FileIdentity:
             raise BadFileError(f"{os.fspath(path)}: file not found") from None
         except PermissionError:
             raise BadFileError(f"{os.fspath(path)}: permission denied") from None
+        except OSError as exc:
+            raise BadFileError(f"{os.fspath(path)}: cannot be read ({exc.strerror or exc})") from None
+        special = not_regular_reason(os.fspath(path), st)
+        if special is not None:
+            raise BadFileError(special)
         return cls(real, st.st_size, st.st_mtime_ns, st.st_dev or 0, st.st_ino or 0)
 
     def same_inode(self, dev: Optional[int], ino: Optional[int]) -> bool:

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import BadFileError, ModelMergerError
+from ..io.files import open_regular
 
 ALGORITHMS: Tuple[str, ...] = ("sha256", "autov2", "autov1", "autov3", "crc32", "blake3")
 DEFAULT_ALGORITHMS: Tuple[str, ...] = ("sha256", "autov2")
@@ -208,7 +209,7 @@ def hash_file(
     its own worker thread; ``blake3_threads`` lets BLAKE3 use several cores (default: when cores are spare)."""
     path = os.fspath(path)
     try:
-        f = open(path, "rb", buffering=0)
+        f = open_regular(path, buffering=0)
     except FileNotFoundError:
         raise BadFileError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -333,7 +334,7 @@ def sample_signature(path: str | os.PathLike, size: Optional[int] = None) -> str
     have the same signature, so the cache reuses hashes only for the same inode (or after a full hash)."""
     path = os.fspath(path)
     h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         if size is None:
             size = os.fstat(f.fileno()).st_size
         h.update(struct.pack("<Q", size))

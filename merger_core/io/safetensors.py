@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
 from ..errors import BadFileError
+from .files import open_regular
 from ..data import load_json
 
 
@@ -110,6 +111,20 @@ class SafetensorsHeader:
     header_len: int
     tensors: Dict[str, TensorInfo]
     metadata: Dict[str, str] = field(default_factory=dict)
+    identity: Tuple[int, int, int] = (0, 0, 0)  # (device, inode, mtime_ns) when the header was read
+
+    def changed(self) -> str | None:
+        """Why the file is no longer the one whose header this is (size, modification time or inode changed, or it is
+        gone), or ``None``. A cheap ``stat``: the merge asks before every key and before keeping its output."""
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            return f"it can no longer be read ({exc.strerror or exc})"
+        if st.st_size != self.file_size:
+            return f"its size changed from {self.file_size:,} to {st.st_size:,} bytes"
+        if (st.st_dev, st.st_ino, st.st_mtime_ns) != self.identity:
+            return "it was rewritten (its modification time or inode changed)"
+        return None
 
     @property
     def data_start(self) -> int:
@@ -126,8 +141,9 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     path = os.fspath(path)
     name = os.path.basename(path)
     try:
-        with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
+        with open_regular(path) as f:
+            st = os.fstat(f.fileno())
+            file_size = st.st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise BadFileError(f"{name}: file is {file_size} bytes, too short to be a safetensors file")
@@ -149,13 +165,34 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise BadFileError(f"{path}: is a folder, not a safetensors file") from None
     except PermissionError:
         raise BadFileError(f"{path}: permission denied (cannot read the file)") from None
+    except OSError as exc:
+        raise BadFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_names)
+    except _DuplicateName as dup:
+        raise BadFileError(
+            f"{name}: the header names {dup.args[0]!r} twice; the format allows each name once, so the file is corrupt"
+        ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadFileError(f"{name}: header is not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise BadFileError(f"{name}: header is not a JSON object")
-    return _parse_header(path, name, file_size, header_len, doc)
+    header = _parse_header(path, name, file_size, header_len, doc)
+    header.identity = (st.st_dev, st.st_ino, st.st_mtime_ns)
+    return header
+
+
+class _DuplicateName(Exception):
+    pass
+
+
+def _no_duplicate_names(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateName(k)
+        out[k] = v
+    return out
 
 
 def _parse_header(path: str, name: str, file_size: int, header_len: int, doc: dict) -> SafetensorsHeader:

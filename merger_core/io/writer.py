@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from ..errors import OutputError
+from ..units import human_bytes
 from .safetensors import DTYPE_SIZES, read_header
 
 WRITEBACK_STEP = 64 * 1024 * 1024  # start disk writeback of the output every this many bytes
+FREE_DISK_MARGIN = 16 * 1024 * 1024  # kept free beside an output (the file system's own needs, a manifest)
 
 HASH_PLACEHOLDER = "0x" + "0" * 64
 HASH_METADATA_KEY = "modelspec.hash_sha256"
@@ -299,11 +301,10 @@ def check_output_target(path: str, needed_bytes: int, overwrite: bool) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {folder} is not writable")
     free = _free_bytes(folder)
-    margin = 16 * 1024 * 1024
-    if free is not None and free < needed_bytes + margin:
+    if free is not None and free < needed_bytes + FREE_DISK_MARGIN:
         raise OutputError(
-            f"not enough free disk in {folder}: the output needs {needed_bytes / 2**30:.2f} GiB, "
-            f"{free / 2**30:.2f} GiB are free"
+            f"not enough free disk in {folder}: the output needs {human_bytes(needed_bytes)} ({needed_bytes:,} bytes) "
+            f"and {human_bytes(FREE_DISK_MARGIN)} are kept free beside it; {human_bytes(free)} ({free:,} bytes) are free"
         )
 
 

@@ -20,7 +20,8 @@ import os
 import tempfile
 from typing import Any, Dict, List, Optional, Union
 
-from ..errors import ManifestError, OutputError
+from ..errors import BadFileError, ManifestError, OutputError
+from ..io.files import open_regular
 from .model import MANIFEST_VERSION, MAX_MANIFEST_BYTES, MODEL_EXTENSION, Manifest, ManifestEntry, ManifestValidationError, Problem, _entry_label, _problem_order
 from .schema import _schema_problems
 
@@ -109,13 +110,15 @@ def _read_manifest_file(path: str) -> str:
     if name.lower().endswith(MODEL_EXTENSION):
         raise ManifestError(f"{name} is a model file, not a manifest (manifests are .json files)")
     try:
-        size = os.path.getsize(path)
         if os.path.isdir(path):
             raise ManifestError(f"{path} is a folder, not a manifest file")
-        if size > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"{name} is {size} bytes, too large to be a manifest")
-        with open(path, "rb") as f:
-            raw = f.read()
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise ManifestError(f"{name} is {size} bytes, too large to be a manifest")
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except BadFileError as exc:
+        raise ManifestError(f"{exc}; a manifest must be a regular JSON file") from None
     except FileNotFoundError:
         raise ManifestError(f"manifest file not found: {path}") from None
     except OSError as exc:

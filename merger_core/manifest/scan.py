@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import ManifestError, ScanError
+from ..io.files import not_regular_reason
 from .model import Manifest, ManifestEntry
 
 MODEL_EXTENSION = ".safetensors"
@@ -203,8 +204,14 @@ class _Walk:
     def consider(self, path: str, is_link: bool, literal: bool) -> None:
         ext = os.path.splitext(path)[1].lower()
         if ext == MODEL_EXTENSION:
-            if is_link and not os.path.exists(path):
+            try:
+                special = not_regular_reason(path)
+            except OSError:
+                special = BROKEN_LINK_REASON if is_link else "cannot be read"
+            if special == BROKEN_LINK_REASON or (is_link and not os.path.exists(path)):
                 self.skipped[path] = BROKEN_LINK_REASON
+            elif special is not None:
+                self.skipped[path] = special.replace(path + " is ", "", 1)  # "a named pipe (FIFO), not a regular file"
             else:
                 self.found[path] = is_link
                 self.hits.add(path)

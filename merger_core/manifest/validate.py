@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 import os
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..errors import ManifestError
+from ..io.files import not_regular_reason
 from .model import MODEL_EXTENSION, Manifest, ManifestValidationError, Problem, _entry_label, _problem_order
 from .parse import manifest_to_dict
 from .schema import _schema_problems
@@ -58,6 +59,10 @@ def validate(manifest: Manifest, check_files: bool = True) -> None:
             finite = False
             problems.append(Problem(label, "weight", f"must be a finite number, got {e.weight!r}"))
     uses_weights = method.uses_weights if method is not None else True
+    if finite and models and not math.isfinite(sum(e.weight for e in models)):
+        finite = False
+        problems.append(Problem("", "models", f"the weights sum to {sum(e.weight for e in models)!r}, which is not a "
+                                              "finite number; use smaller weights"))
     if finite and uses_weights and manifest.normalize and models and sum(e.weight for e in models) == 0:
         problems.append(
             Problem("", "models", "the weights sum to 0, so they cannot be normalised; give at least one model a weight above 0")
@@ -98,26 +103,31 @@ def _file_problems(files: List[Tuple[str, str]], check_files: bool) -> List[Prob
             if os.path.isdir(path):
                 problems.append(Problem(where, fld, f"{path} is a folder, not a file"))
                 continue
+            special = not_regular_reason(path, st)
+            if special is not None:
+                problems.append(Problem(where, fld, special))
+                continue
             if not os.access(path, os.R_OK):
                 problems.append(Problem(where, fld, f"cannot read {path}: permission denied"))
                 continue
         stats.append((label, path, st))
-    # duplicates: the same path, the same real path, or the same file (hard links, via samestat)
-    for j in range(len(stats)):
-        lj, pj, sj = stats[j]
-        for i in range(j):
-            li, pi, si = stats[i]
-            how = None
-            if os.path.normcase(pi) == os.path.normcase(pj):
-                how = "listed twice"
-            elif check_files and os.path.normcase(os.path.realpath(pi)) == os.path.normcase(os.path.realpath(pj)):
-                how = "through a symbolic link"
-            elif si is not None and sj is not None and os.path.samestat(si, sj):
-                how = "a hard link"
-            if how is not None:
-                if lj == "base":
-                    problems.append(Problem("", "base", f"same file as {li} ({how}); the base cannot also be a model"))
-                else:
-                    problems.append(Problem(lj, "path", f"same file as {li} ({how}); each file may appear once"))
-                break
+    # duplicates: the same path, the same real path, or the same file (hard links: device and inode), each looked
+    # up in a table of the entries before it (one realpath per entry: linear in the number of models)
+    kinds = ("listed twice", "through a symbolic link", "a hard link")  # in this order when one entry is all three
+    seen: Dict[str, Dict[object, Tuple[int, str]]] = {how: {} for how in kinds}
+    for n, (label, path, st) in enumerate(stats):
+        keys = {"listed twice": os.path.normcase(path)}
+        if check_files:
+            keys["through a symbolic link"] = os.path.normcase(os.path.realpath(path))
+        if st is not None and st.st_ino:
+            keys["a hard link"] = (st.st_dev, st.st_ino)
+        earlier = [(seen[how][k][0], kinds.index(how), seen[how][k][1], how) for how, k in keys.items() if k in seen[how]]
+        for how, k in keys.items():
+            seen[how].setdefault(k, (n, label))
+        if earlier:
+            _, _, first, how = min(earlier)
+            if label == "base":
+                problems.append(Problem("", "base", f"same file as {first} ({how}); the base cannot also be a model"))
+            else:
+                problems.append(Problem(label, "path", f"same file as {first} ({how}); each file may appear once"))
     return problems

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import ModelMergerError
-from ..io.safetensors import MARKER_KEYS, torch_dtype
+from ..io.safetensors import DTYPES, MARKER_KEYS, torch_dtype
 from ..data import load_json
 
 # Full-size width -> demo width. A function of the width alone, so related axes stay consistent.
@@ -29,7 +29,7 @@ SMALL_WIDTHS: Dict[int, int] = {
     128: 4, 256: 8, 512: 16,  # VAE
 }
 CONTEXT_DIM = 768
-INT_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")
+INT_DTYPES = tuple(n for n, d in DTYPES.items() if not d.is_float)
 DEMO_MARKERS = ("v_pred", "ztsnr")  # what v-prediction SD checkpoints carry
 
 Layout = Dict[str, Tuple[str, Tuple[int, ...]]]  # name -> (safetensors dtype, shape)

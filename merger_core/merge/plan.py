@@ -122,6 +122,8 @@ def prepare(plan: MergePlan) -> PreparedMerge:
     for i, w in zip(plan.inputs, weights):
         if not isinstance(w, (int, float)) or w != w or math.isinf(w):
             raise ManifestError(f"{i.display_name()}: weight {w!r} is not a finite number")
+    if not math.isfinite(sum(weights)):
+        raise ManifestError(f"the weights sum to {sum(weights)!r}, which is not a finite number; use smaller weights")
     if method.uses_weights and plan.normalize and sum(weights) == 0:
         raise ManifestError("the weights sum to 0, so they cannot be normalised")
     headers = list(plan.headers) if plan.headers is not None else [read_header(i.path) for i in plan.inputs]
@@ -144,6 +146,13 @@ def prepare(plan: MergePlan) -> PreparedMerge:
     for key in all_keys:
         sources = [i for i, h in enumerate(headers) if key in h.tensors]
         first = headers[sources[0]].tensors[key]
+        kinds_of = {headers[i].tensors[key].is_float for i in sources}
+        if len(kinds_of) > 1:
+            shown = ", ".join(f"{names[i]} {headers[i].tensors[key].dtype}" for i in sources)
+            raise IncompatibleModelsError(
+                f"{key} holds integers in some models and floats in others ({shown}); integer codes cannot be "
+                "averaged with weights, and a float tensor cannot be copied into an integer one"
+            )
         copy_from = None
         if not first.is_float or key in MARKER_KEYS:
             copy_from = sources[0]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .. import methods as _methods
-from ..errors import ManifestError, MergeCancelled
+from ..errors import BadFileError, ManifestError, MergeCancelled
 from ..io.reader import Prefetcher, Unmapper, open_inputs
 from ..io.safetensors import DTYPE_SIZES, torch_dtype
 from ..io.writer import HASH_METADATA_KEY, HASH_PLACEHOLDER, StreamingWriter
@@ -129,6 +129,7 @@ class _Runner:
             for idx, job in enumerate(prep.jobs):
                 if self.cancel is not None and self.cancel():
                     raise MergeCancelled()
+                check_unchanged(prep.headers, f"before {job.name}")
                 prefetch.advance(idx)
                 views = {i: handles[i].get_tensor(job.name) for i in ([job.copy_from] if job.copy_from is not None else job.sources)}
                 self.sink.begin_key(job)
@@ -273,6 +274,18 @@ class _Runner:
 
 
 
+def check_unchanged(headers, when: str) -> None:
+    """Refuse to go on (or to keep the output) when an input changed since its header was read: a truncated file
+    would fault the memory map, and a file rewritten in place would mix old and new tensors."""
+    for h in headers:
+        why = h.changed()
+        if why is not None:
+            raise BadFileError(
+                f"{os.path.basename(h.path)} changed while it was being merged ({when}): {why}. No output was written; "
+                "run the merge again once the file is complete"
+            )
+
+
 def _read_ranges(prep: PreparedMerge) -> List[List[Tuple[int, int, int]]]:
     """Per job, the byte ranges it reads: (input index, file offset, length)."""
     out = []
@@ -318,6 +331,7 @@ def merge_to_file(
                 sink.abort()
                 raise
             sink.finish()
+            check_unchanged(prep.headers, "at the end")  # before the rename: a rewritten input gives no output
     metadata[HASH_METADATA_KEY] = "0x" + writer.sha256
     return MergeResult(
         output, len(prep.jobs), writer.total_bytes, time.monotonic() - t0, writer.sha256, prep.architecture, metadata, prep.notes,
@@ -340,6 +354,7 @@ def merge_to_state_dict(
         handles = open_inputs(stack, prep.headers)
         try:
             _Runner(prep, sink, progress, cancel).run(handles)
+            check_unchanged(prep.headers, "at the end")
         except BaseException:
             sink.abort()
             raise

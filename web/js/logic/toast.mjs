@@ -1,5 +1,5 @@
 // Model Merger: what the browser does with a "model_merger.done" event. Plain ES module, no browser APIs,
-// tested with `node --test tests/js/`. Served to the browser by the pack at /model_merger/web_logic/toast.mjs.
+// tested with `node --test tests/js/`. ComfyUI serves it with the rest of WEB_DIRECTORY (/extensions/<pack>/logic/toast.mjs).
 
 export const SETTING_MODE = "ModelMerger.Notify.Mode";
 export const SETTING_MIN_SECONDS = "ModelMerger.Notify.MinSeconds";
