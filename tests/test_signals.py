@@ -45,10 +45,13 @@ def _inputs(tmp_path, keys=4, side=4096, method="weighted_sum"):
     return manifest, out_dir
 
 
-def _start(manifest, out):
+def _start(manifest, out, supervised=True):
+    env = _env()
+    if not supervised:  # the engine's own process, as a library user or a killed supervisor leaves it
+        env["MODEL_MERGER_SUPERVISED"] = "1"
     return subprocess.Popen(
         [sys.executable, "-m", "merger_core", "merge", str(manifest), "-o", str(out), "--no-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=str(out.parent),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(out.parent),
     )
 
 
@@ -97,10 +100,27 @@ def test_a_second_ctrl_c_forces_and_still_leaves_nothing(tmp_path):
     assert os.listdir(out_dir) == []
 
 
+def test_a_killed_merge_process_is_reported_and_cleaned_up_by_its_supervisor(tmp_path):
+    """The OOM killer picks the big process: the merging child. The console command's parent says so and removes
+    the temporary file."""
+    manifest, out_dir = _inputs(tmp_path)
+    proc = _start(manifest, out_dir / "merged.safetensors")
+    _wait_for_partial(proc, out_dir)
+    child_pid = int(helpers.leftovers(out_dir)[0].split(".")[-3])  # .NAME.PID.TID.partial
+    assert child_pid != proc.pid
+    os.kill(child_pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    text = err.decode()
+    assert proc.returncode == 2, text
+    assert "the merge process was killed (SIGKILL" in text and "no output was written" in text
+    assert "Traceback" not in text
+    assert os.listdir(out_dir) == []
+
+
 def test_a_killed_run_leaves_a_partial_that_the_next_run_removes(tmp_path):
     manifest, out_dir = _inputs(tmp_path)
     target = out_dir / "merged.safetensors"
-    proc = _start(manifest, target)
+    proc = _start(manifest, target, supervised=False)
     _wait_for_partial(proc, out_dir)
     proc.kill()
     proc.communicate(timeout=60)
@@ -118,3 +138,46 @@ def test_a_killed_run_leaves_a_partial_that_the_next_run_removes(tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"removed {out_dir / stale[0]}, a temporary file left by an earlier run that was killed" in done.stdout
     assert sorted(os.listdir(out_dir)) == sorted(["merged.safetensors", live.name, other.name])
+
+
+def test_a_bus_error_in_the_merge_process_is_one_clear_line_and_no_partial(tmp_path, capsys):
+    """What the kernel does when a memory-mapped input shrinks under a read: SIGBUS, no Python code runs. The
+    supervisor reports it and removes the dead child's temporary file."""
+    from merger_core.cli._supervise import run_supervised
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    target = out_dir / "merged.safetensors"
+    child = (
+        "import os, signal, sys\n"
+        f"open(os.path.join({str(out_dir)!r}, '.merged.safetensors.%d.1.partial' % os.getpid()), 'wb').write(b'x')\n"
+        "os.kill(os.getpid(), signal.SIGBUS)\n"
+    )
+    rc = run_supervised(["merge", "m.json", "-o", str(target)], child_cmd=[sys.executable, "-c", child])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "an input file was truncated or overwritten while it was being read (bus error)" in err
+    assert "removed its temporary file" in err and os.listdir(out_dir) == []
+
+
+def test_an_input_truncated_during_a_real_merge_never_leaves_a_partial(tmp_path):
+    """A real truncation while a big key is read: either the check before the next key stops the merge with a
+    message (exit 2), or the read faults and the supervisor reports the bus error (exit 2). Never a silent crash."""
+    layout = {"model.diffusion_model.big.weight": ("F16", (16384, 8192)), helpers.KEY_POSITION_IDS: ("I64", (1, 77))}
+    folder = tmp_path / "in"
+    folder.mkdir()
+    paths = [helpers.write_sparse_checkpoint(folder / f"{n}.safetensors", layout) for n in "abc"]
+    manifest = folder / "manifest.json"
+    manifest.write_text(json.dumps({"version": 1, "method": "ties", "base": "a.safetensors",
+                                    "models": [{"path": "b.safetensors"}, {"path": "c.safetensors"}]}))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = _start(manifest, out_dir / "merged.safetensors")
+    _wait_for_partial(proc, out_dir)
+    time.sleep(0.2)
+    os.truncate(paths[1], 4096)
+    out, err = proc.communicate(timeout=120)
+    text = err.decode()
+    assert proc.returncode == 2, text[-2000:]
+    assert ("bus error" in text) or ("changed while it was being merged" in text), text[-2000:]
+    assert "Traceback" not in text and os.listdir(out_dir) == [], text

@@ -59,5 +59,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
 
 
+def entry() -> int:
+    """The console command: commands that write a model file run under a supervisor (see ``_supervise.py``)."""
+    from ._supervise import run_supervised, wants_supervisor
+
+    argv = sys.argv[1:]
+    return run_supervised(argv) if wants_supervisor(argv) else main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
