@@ -115,17 +115,20 @@ def output_bytes_for(inputs: List[str]) -> int:
 
 
 def measure_one(layout: str, n: int, mode: str, runner: str, inputs: List[str], data_dir: str, log: Log,
-                pyspy: Optional[str] = None, repeat: int = 1, wait_idle: float = 0) -> Dict[str, object]:
+                pyspy: Optional[str] = None, repeat: int = 1, wait_idle: float = 0,
+                out_dir: Optional[str] = None) -> Dict[str, object]:
     """Floor and merge, ``repeat`` times each; the fastest floor and the fastest merge are kept, the peak memory
-    is the largest seen."""
-    out = os.path.join(data_dir, f"merge_bench_out_{os.getpid()}.safetensors")
-    scratch = os.path.join(data_dir, f"merge_bench_floor_{os.getpid()}.tmp")
+    is the largest seen. ``out_dir`` (e.g. a tmpfs such as /dev/shm) receives the output and the floor's write:
+    warm and on a tmpfs, the floor is the memory floor that no disk hides."""
+    out_dir = out_dir or data_dir
+    out = os.path.join(out_dir, f"merge_bench_out_{os.getpid()}.safetensors")
+    scratch = os.path.join(out_dir, f"merge_bench_floor_{os.getpid()}.tmp")
     manifest = os.path.join(data_dir, f"merge_bench_{layout}_{n}_{os.getpid()}.json")
     out_bytes = output_bytes_for(inputs)
     needed = out_bytes + 2 * GiB
-    free = shutil.disk_usage(data_dir).free
+    free = shutil.disk_usage(out_dir).free
     if free < needed:
-        raise SystemExit(f"not enough free disk in {data_dir} for the output ({free / GiB:.1f} GiB free)")
+        raise SystemExit(f"not enough free space in {out_dir} for the output ({free / GiB:.1f} GiB free)")
     floors: List[common.Floor] = []
     merges: List[common.Measured] = []
     cached = None
@@ -274,6 +277,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--wait-idle", type=float, default=60, metavar="S",
                     help="before each measurement wait up to S seconds for the CPUs to be <= 15%% busy (0: never)")
     ap.add_argument("--no-lock", action="store_true", help="do not take /tmp/bench.lock (you hold it already)")
+    ap.add_argument("--out-dir", default=None, metavar="DIR",
+                    help="write the output (and the floor's write) here, e.g. /dev/shm for the memory floor")
     args = ap.parse_args(argv)
     cases = parse_cases(args, ap)
     if any(n < 2 for _, ns in cases for n in ns) and not args.generate_only:
@@ -315,7 +320,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         for rn in runners:
                             prof = f"{args.pyspy}_{layout}_{n}_{mode}.txt" if (args.pyspy and rn != "naive") else None
                             row = measure_one(layout, n, mode, rn, inputs[:n], args.data_dir, log, prof, args.repeat,
-                                              args.wait_idle)
+                                              args.wait_idle, out_dir=args.out_dir)
                             row["target"] = verdict(row) if n == 4 else ""
                             rows.append(row)
                             log(common.format_table([row], COLUMNS).splitlines()[-1])
