@@ -33,6 +33,11 @@ class OutputError(ModelMergerError):
     """The output cannot be written: it exists, its folder is not writable, the disk is full."""
 
 
+class NonFiniteError(ModelMergerError):
+    """A key's merged values are NaN or Inf, or beyond the output dtype's range, and the plan says to stop
+    (``nonfinite="error"``). The message names the key and the inputs that hold such values."""
+
+
 class MergeCancelled(ModelMergerError):
     """The run was cancelled through the cancel callback (or Ctrl-C)."""
 

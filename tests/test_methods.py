@@ -12,6 +12,7 @@ import helpers
 from merger_core.merge.plan import MergeInput, MergePlan, prepare
 from merger_core.merge.runner import merge_to_file, merge_to_state_dict
 from merger_core.errors import IncompatibleModelsError, ManifestError
+from merger_core.io.safetensors import read_header
 from merger_core.methods import get_method, list_methods
 from merger_core.methods import _common
 from merger_core.methods.dare import dare_merge, keep_mask
@@ -529,3 +530,75 @@ def test_input_kinds_name_the_base_and_the_roles():
     assert get_method("ties").input_kinds(3) == ["base", "model", "model"]
     assert get_method("weighted_sum").input_kinds(2) == ["model", "model"]
     assert get_method("add_difference").input_kinds(3) == ["A", "B", "C"]
+
+
+# ------------------------------------------------------------------------------------------------- fp8 inputs
+
+FP8 = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def fp8_family(tmp_path, n_models, fp8, seed=40):
+    """A base and models written as fp8 (values about N(0, 1) rounded to fp8); returns paths and the files' values
+    widened to float64 (the truth the references start from)."""
+    g = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    tensors = [base] + [{k: v + 0.25 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(n_models)]
+    paths = [write(tmp_path / f"m{i}.safetensors", t, FP8[fp8]) for i, t in enumerate(tensors)]
+    loaded = [{k: v.to(torch.float64) for k, v in load_file(p).items()} for p in paths]
+    for p in paths:
+        assert {t.dtype for t in read_header(p).tensors.values()} == {fp8}
+    return paths, loaded
+
+
+def ref_dare(ts, weights, p, scale, seed, key):
+    from merger_core.merge.runner import _key_seed
+
+    base = ts[0][key].reshape(-1)
+    acc = torch.zeros_like(base)
+    for i in range(1, len(ts)):
+        keep = keep_mask(_key_seed(seed, key), i, 0, base.numel(), p).double()
+        acc += weights[i] * (ts[i][key].reshape(-1) - base) * keep / (1 - p)
+    return base + scale * acc
+
+
+FP8_CASES = {
+    "weighted_sum": (2, {}, lambda ts, k: 0.25 * ts[0][k] + 0.75 * ts[1][k]),
+    "add_difference": (2, {"alpha": 0.6}, lambda ts, k: ts[0][k] + 0.6 * (ts[1][k] - ts[2][k])),
+    "task_arithmetic": (2, {"scale": 0.8}, lambda ts, k: ts[0][k] + 0.8 * ((ts[1][k] - ts[0][k]) + (ts[2][k] - ts[0][k]))),
+    "ties": (2, {"density": 0.4, "scale": 0.9},
+             lambda ts, k: ref_ties(ts[0][k], [ts[1][k], ts[2][k]], [1.0, 1.0], 0.4, 0.9)),
+    "dare": (2, {"drop": 0.3, "scale": 1.0}, lambda ts, k: ref_dare(ts, [1.0, 1.0, 1.0], 0.3, 1.0, 3, k)),
+    "slerp": (1, {"t": 0.3}, lambda ts, k: ref_slerp(ts[0][k], ts[1][k], 0.3)),
+    "train_difference": (2, {"alpha": 0.7}, lambda ts, k: ref_train_diff(ts[0][k], ts[1][k], ts[2][k], 0.7)),
+}
+
+
+@pytest.mark.parametrize("fp8", sorted(FP8))
+@pytest.mark.parametrize("method", sorted(FP8_CASES))
+def test_every_method_merges_fp8_inputs(tmp_path, method, fp8):
+    """fp8 inputs are widened to fp32 before any arithmetic (regression: TIES failed with "Promotion for Float8
+    Types is not supported"); the result matches float64 arithmetic on the files' fp8 values."""
+    n_models, params, reference = FP8_CASES[method]
+    paths, ts = fp8_family(tmp_path, n_models, fp8)
+    weights = [1.0, 3.0] if method == "weighted_sum" else None
+    plan = MergePlan([MergeInput(p, w) for p, w in zip(paths, weights or [1.0] * len(paths))], method=method,
+                     params=params, dtype="fp32", seed=3)
+    out_file = tmp_path / "out.safetensors"
+    merge_to_file(plan, out_file)
+    got = load_file(str(out_file))
+    mem, _ = merge_to_state_dict(plan)
+    for k in SHAPES:
+        assert got[k].dtype == torch.float32
+        close(got[k], reference(ts, k))
+        assert torch.equal(mem[k], got[k]), k
+
+
+def test_fp8_inputs_kept_as_fp8(tmp_path):
+    """dtype keep writes the first model's fp8 dtype: the merged value rounded to fp8."""
+    paths, ts = fp8_family(tmp_path, 1, "F8_E4M3")
+    out, _ = merge_to_state_dict(MergePlan([MergeInput(p) for p in paths], method="weighted_sum", dtype="keep"))
+    for k in SHAPES:
+        assert out[k].dtype == torch.float8_e4m3fn
+        ref = 0.5 * (ts[0][k] + ts[1][k])
+        err = (out[k].double() - ref).abs()
+        assert bool((err <= 2.0**-4 * ref.abs() + 2.0**-9).all()), k  # within e4m3's rounding (3 mantissa bits)

@@ -143,6 +143,7 @@ def test_a_killed_run_leaves_a_partial_that_the_next_run_removes(tmp_path):
 def test_a_bus_error_in_the_merge_process_is_one_clear_line_and_no_partial(tmp_path, capsys):
     """What the kernel does when a memory-mapped input shrinks under a read: SIGBUS, no Python code runs. The
     supervisor reports it and removes the dead child's temporary file."""
+    from merger_core.cli import build_parser
     from merger_core.cli._supervise import run_supervised
 
     out_dir = tmp_path / "out"
@@ -153,7 +154,7 @@ def test_a_bus_error_in_the_merge_process_is_one_clear_line_and_no_partial(tmp_p
         f"open(os.path.join({str(out_dir)!r}, '.merged.safetensors.%d.1.partial' % os.getpid()), 'wb').write(b'x')\n"
         "os.kill(os.getpid(), signal.SIGBUS)\n"
     )
-    rc = run_supervised(["merge", "m.json", "-o", str(target)], child_cmd=[sys.executable, "-c", child])
+    rc = run_supervised(["merge", "m.json", "-o", str(target)], build_parser, child_cmd=[sys.executable, "-c", child])
     err = capsys.readouterr().err
     assert rc == 2
     assert "an input file was truncated or overwritten while it was being read (bus error)" in err

@@ -23,7 +23,7 @@ from ..errors import IncompatibleModelsError
 from ..io.safetensors import DTYPE_SIZES, FLOAT_DTYPES, SafetensorsHeader, dtype_label, read_header
 from ..io.writer import FREE_DISK_MARGIN
 from ..units import human_bytes, mem_available
-from .detect import Detection, detect_header
+from .detect import Detection, detect_header, merge_view
 from .fingerprints import get_fingerprint
 from .keys import KeyReport, compare_keys, compare_tensors
 
@@ -130,6 +130,7 @@ def check_headers(
     """:func:`check_compatibility` for headers already read; ``names`` label the files (default: unique basenames)."""
     paths = [h.path for h in headers]
     dets = [detect_header(h) for h in headers]
+    headers = [merge_view(h) for h in headers]  # keys compared as the merge sees them (no scaled fp8 scales)
     names = list(names) if names is not None else _unique_names(paths)
     rep = CompatReport(files=names, detections=dets, keys=compare_keys(headers, names))
     if len(paths) < 2:

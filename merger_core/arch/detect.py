@@ -8,6 +8,7 @@ disagreement, and the evidence for each conclusion. A layout that matches no fin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections import Counter, defaultdict
@@ -19,6 +20,84 @@ from ..data import load_json
 from .fingerprints import UNET_PREFIX, Fingerprint, load_fingerprints, load_layouts
 
 STANDARD_PREFIXES = (UNET_PREFIX, "")
+
+# Quantized checkpoints, named by their key layout (headers only).
+# * ComfyUI's scaled fp8: a marker tensor ``scaled_fp8`` (under the component's prefix) and, per quantized Linear
+#   layer, fp8 codes in ``X.weight`` with an fp32 ``X.scale_weight`` (the value is ``codes.float() * scale``) and
+#   sometimes an ``X.scale_input`` (used only by fp8 matrix multiplication). Merged after dequantizing.
+# * bitsandbytes 4-bit (NF4, FP4): ``X.weight`` holds packed uint8 codes beside ``X.weight.absmax``,
+#   ``.quant_map``, ``.nested_absmax``, ``.nested_quant_map`` and ``X.weight.quant_state.bitsandbytes__nf4``
+#   (or ``__fp4``). Refused: the codes are block-wise and cannot be merged key by key.
+QUANTIZATION_NAMES = {
+    "scaled_fp8": "ComfyUI scaled fp8",
+    "nf4": "bitsandbytes NF4",
+    "fp4": "bitsandbytes FP4",
+    "bnb_4bit": "bitsandbytes 4-bit",
+}
+SCALED_FP8_MARKER = "scaled_fp8"
+SCALE_WEIGHT = "scale_weight"
+SCALE_INPUT = "scale_input"
+BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
+BNB_QUANT_STATE = ".quant_state.bitsandbytes__"
+REFUSED_QUANTIZATIONS = ("nf4", "fp4", "bnb_4bit")
+
+
+def _last_name(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def quantization(tensors) -> Optional[str]:
+    """The quantized format of a header's tensors (``{name: TensorInfo}``): ``"scaled_fp8"``, ``"nf4"``,
+    ``"fp4"``, ``"bnb_4bit"`` (bitsandbytes 4-bit of an unnamed type) or None for a plain checkpoint."""
+    bnb = None
+    scaled = False
+    for k in tensors:
+        if BNB_QUANT_STATE in k:
+            kind = k.rsplit(BNB_QUANT_STATE, 1)[1]
+            bnb = kind if kind in ("nf4", "fp4") else (bnb or "bnb_4bit")
+        elif k.endswith(BNB_SUFFIXES):
+            bnb = bnb or "bnb_4bit"
+        elif _last_name(k) in (SCALED_FP8_MARKER, SCALE_WEIGHT):
+            scaled = True
+    if bnb is not None:
+        return bnb
+    return "scaled_fp8" if scaled else None
+
+
+def scaled_fp8_keys(tensors) -> Tuple[Dict[str, str], List[str]]:
+    """For a scaled fp8 checkpoint: ``{weight key: its scale_weight key}``, and the keys that are not weights (the
+    scales, the input scales and the ``scaled_fp8`` markers), which a dequantized output does not have."""
+    scales: Dict[str, str] = {}
+    hidden: List[str] = []
+    for k in tensors:
+        last = _last_name(k)
+        if last in (SCALED_FP8_MARKER, SCALE_WEIGHT, SCALE_INPUT):
+            hidden.append(k)
+            if last == SCALE_WEIGHT:
+                weight = k[: -len(SCALE_WEIGHT)] + "weight"
+                if weight in tensors:
+                    scales[weight] = k
+    return scales, sorted(hidden)
+
+
+def merge_view(header: SafetensorsHeader) -> SafetensorsHeader:
+    """The header as a merge sees it: a scaled fp8 checkpoint without its scale and marker keys (its weights are
+    merged as their values, and the output has no scales); any other header as it is."""
+    if quantization(header.tensors) != "scaled_fp8":
+        return header
+    _, hidden = scaled_fp8_keys(header.tensors)
+    drop = set(hidden)
+    return dataclasses.replace(header, tensors={k: t for k, t in header.tensors.items() if k not in drop})
+
+
+def quantization_refusal(kind: str) -> str:
+    """Why a checkpoint in a refused quantized format cannot be merged, and what to do instead."""
+    name = QUANTIZATION_NAMES.get(kind, kind)
+    return (
+        f"{name}-quantized: its weights are packed 4-bit codes with per-block scales, which cannot be merged key by "
+        "key; merge the unquantized model (fp16, bf16 or fp32) instead, or dequantize this one first with "
+        "bitsandbytes (bitsandbytes.functional.dequantize_4bit) and save it as safetensors"
+    )
 
 
 @dataclass
@@ -76,6 +155,7 @@ class Detection:
     warnings: List[str] = field(default_factory=list)
     mergeable: bool = False
     refusal: str = ""
+    quantization: Optional[str] = None  # scaled_fp8 | nf4 | fp4 | bnb_4bit (QUANTIZATION_NAMES), None: not quantized
 
     @property
     def known(self) -> bool:
@@ -244,6 +324,33 @@ def detect(path: str | os.PathLike, read_probe: bool = True) -> Detection:
 
 
 def detect_header(header: SafetensorsHeader, read_probe: bool = True) -> Detection:
+    det = _detect_structure(header, read_probe)
+    _quantization(det, header.tensors)
+    return det
+
+
+def _quantization(det: Detection, tensors) -> None:
+    kind = quantization(tensors)
+    det.quantization = kind
+    if kind is None:
+        return
+    name = QUANTIZATION_NAMES[kind]
+    if kind == "scaled_fp8":
+        scales, hidden = scaled_fp8_keys(tensors)
+        markers = [k for k in hidden if _last_name(k) == SCALED_FP8_MARKER]
+        det.evidence.append(
+            f"{len(scales)} fp8 weights with a .scale_weight each"
+            + (f" and the marker {', '.join(markers)}" if markers else "")
+            + f": {name} (each value is the fp8 code times its layer's scale; a merge dequantizes them first)"
+        )
+        return
+    packed = sum(1 for k in tensors if k.endswith(".absmax"))
+    det.evidence.append(f"{packed} weights stored as packed 4-bit codes with .absmax/.quant_map/.quant_state: {name}")
+    det.mergeable = False
+    det.refusal = quantization_refusal(kind)
+
+
+def _detect_structure(header: SafetensorsHeader, read_probe: bool) -> Detection:
     tensors = header.tensors
     det = Detection(
         path=header.path,

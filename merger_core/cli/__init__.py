@@ -64,7 +64,7 @@ def entry() -> int:
     from ._supervise import run_supervised, wants_supervisor
 
     argv = sys.argv[1:]
-    return run_supervised(argv) if wants_supervisor(argv) else main(argv)
+    return run_supervised(argv, build_parser) if wants_supervisor(argv) else main(argv)
 
 
 if __name__ == "__main__":

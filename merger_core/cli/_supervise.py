@@ -37,10 +37,8 @@ def wants_supervisor(argv: Sequence[str]) -> bool:
     return command in WRITING
 
 
-def _outputs(argv: Sequence[str]) -> List[str]:
+def _outputs(argv: Sequence[str], build_parser) -> List[str]:
     """The model files the command would write (where the child's temporary files are)."""
-    from . import build_parser
-
     try:
         args, _ = build_parser().parse_known_args(list(argv))
     except SystemExit:
@@ -62,8 +60,9 @@ def _pdeathsig() -> None:  # in the child, before exec: stop when the parent die
         pass
 
 
-def run_supervised(argv: Sequence[str], child_cmd: Optional[List[str]] = None) -> int:
-    """Run ``model-merger ARGV`` in a child process; ``child_cmd`` replaces the child's command line (tests)."""
+def run_supervised(argv: Sequence[str], build_parser, child_cmd: Optional[List[str]] = None) -> int:
+    """Run ``model-merger ARGV`` in a child process; ``build_parser`` is the CLI's (to find the output it names),
+    ``child_cmd`` replaces the child's command line (tests)."""
     env = dict(os.environ)
     env[CHILD_ENV] = "1"
     cmd = child_cmd or [sys.executable, "-m", "merger_core", *argv]
@@ -89,7 +88,7 @@ def run_supervised(argv: Sequence[str], child_cmd: Optional[List[str]] = None) -
     name = signal.Signals(-rc).name
     from ..io.writer import sweep_stale_partials
 
-    removed = [p for target in _outputs(argv) for p in sweep_stale_partials(target)]
+    removed = [p for target in _outputs(argv, build_parser) for p in sweep_stale_partials(target)]
     what = CRASHES.get(name, f"the process stopped on {name}")
     print(f"error: {what}; no output was written"
           + (f" (removed its temporary file {', '.join(removed)})" if removed else ""), file=sys.stderr)

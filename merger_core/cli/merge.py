@@ -31,6 +31,10 @@ def add_arguments(p) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     p.add_argument("--allow-missing", action="store_true",
                    help="merge a key over the models that have it (weights renormalised per key) instead of stopping")
+    p.add_argument("--nonfinite", choices=["error", "warn", "clamp"], default=None,
+                   help="a key whose merged values are NaN/Inf or do not fit the output dtype: error stops naming the key "
+                        "and the inputs that hold them, warn writes them as they are, clamp clamps them to the output "
+                        "dtype's range (NaN becomes 0); warn and clamp list the keys (default: the manifest's, else error)")
     p.add_argument("--notify", action="store_true",
                    help="desktop notification (or terminal bell) when a long run ends; needs model-merger[notify]")
     p.add_argument("--notify-after", type=float, default=DEFAULT_NOTIFY_AFTER, metavar="SECONDS",
@@ -57,6 +61,8 @@ def run(args) -> int:
             overrides["dtype"] = args.dtype
         if args.allow_missing:
             overrides["allow_missing"] = True
+        if args.nonfinite is not None:
+            overrides["nonfinite"] = args.nonfinite
         plan = plan_from_manifest(manifest, **overrides)
         try:
             prep = prepare(plan)
@@ -81,6 +87,8 @@ def run(args) -> int:
     print(f"wrote {result.output} ({human_bytes(result.output_bytes)}, {result.keys} tensors) "
           f"in {result.seconds:.1f} s ({rate:.0f} MiB/s)", file=out)
     print(f"architecture: {result.structure} (modelspec {result.architecture}); tensor data sha256: {result.tensor_sha256}", file=out)
+    for note in result.notes[len(prep.notes):]:  # what the run itself found (values that did not fit)
+        print(f"warning: {note}", file=out)
     notifier.finish(True, f"{os.path.basename(output)} written in {notifier.elapsed():.0f} s")
     return 0
 

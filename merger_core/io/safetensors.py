@@ -61,6 +61,7 @@ FLOAT_DTYPES = frozenset(n for n, d in DTYPES.items() if d.is_float)
 MARKER_KEYS: Dict[str, str] = load_json("markers.json")
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
+GGUF_MAGIC = b"GGUF"  # the first bytes of a GGUF file (llama.cpp's format, used for quantized diffusion models)
 
 
 def dtype_label(st_dtype: str) -> str:
@@ -145,6 +146,12 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             st = os.fstat(f.fileno())
             file_size = st.st_size
             prefix = f.read(8)
+            if prefix.startswith(GGUF_MAGIC):
+                raise BadFileError(
+                    f"{name}: this is a GGUF file (a quantized model format of llama.cpp and ComfyUI-GGUF), not "
+                    "safetensors; the merge reads safetensors only: convert it to safetensors first (e.g. dequantize "
+                    "it with city96's ComfyUI-GGUF tools), or merge the unquantized model instead"
+                )
             if len(prefix) < 8:
                 raise BadFileError(f"{name}: file is {file_size} bytes, too short to be a safetensors file")
             (header_len,) = struct.unpack("<Q", prefix)

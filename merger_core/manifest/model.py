@@ -18,7 +18,7 @@ MODEL_EXTENSION = ".safetensors"
 DTYPES = ("fp16", "bf16", "fp32", "keep")
 
 # order of keys in a saved manifest
-_TOP_KEYS = ("version", "method", "normalize", "dtype", "device", "params", "base", "title", "seed", "allow_missing", "notes", "models")
+_TOP_KEYS = ("version", "method", "normalize", "dtype", "device", "params", "base", "title", "seed", "allow_missing", "nonfinite", "notes", "models")
 _ENTRY_KEYS = ("path", "weight", "sha256", "notes", "civitai")
 
 
@@ -55,6 +55,7 @@ class Manifest:
     title: Optional[str] = None
     seed: int = 0
     allow_missing: bool = False
+    nonfinite: str = "error"
     notes: Optional[str] = None
     path: Optional[str] = field(default=None, compare=False)
 

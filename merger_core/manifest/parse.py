@@ -175,6 +175,7 @@ def manifest_from_dict(
         title=data.get("title"),
         seed=data.get("seed", 0),
         allow_missing=data.get("allow_missing", False),
+        nonfinite=data.get("nonfinite", "error"),
         notes=data.get("notes"),
         path=path,
     )
@@ -228,6 +229,8 @@ def manifest_to_dict(manifest: Manifest, relative_to: Optional[str] = None) -> D
         d["seed"] = manifest.seed
     if manifest.allow_missing:
         d["allow_missing"] = manifest.allow_missing
+    if manifest.nonfinite != "error":
+        d["nonfinite"] = manifest.nonfinite
     if manifest.notes is not None:
         d["notes"] = manifest.notes
     models = []

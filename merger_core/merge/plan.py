@@ -10,19 +10,32 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .. import methods as _methods
 from ..arch.compat import CompatReport, check_headers
-from ..arch.detect import modelspec_architecture
+from ..arch.detect import (
+    QUANTIZATION_NAMES,
+    REFUSED_QUANTIZATIONS,
+    merge_view,
+    modelspec_architecture,
+    quantization,
+    quantization_refusal,
+    scaled_fp8_keys,
+)
 from ..arch.keys import KeyReport, compare_keys
 from ..errors import IncompatibleModelsError, ManifestError, ModelMergerError
-from ..io.safetensors import DTYPE_SIZES, MARKER_KEYS, SafetensorsHeader, read_header
+from ..io.safetensors import DTYPE_SIZES, MARKER_KEYS, SafetensorsHeader, dtype_label, read_header
 from ..io.writer import OutTensor
 from ..report.text import render_compat
 
 OUTPUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32", "keep": None}
+# What a merge does with a key whose merged values are NaN or Inf or do not fit the output dtype: stop naming the
+# key and the inputs that hold such values, write them as they are and list the keys in the notes, or clamp them
+# to the output dtype's range (NaN becomes 0) and list the keys.
+NONFINITE_MODES = ("error", "warn", "clamp")
 
 
 @dataclass
@@ -44,6 +57,9 @@ class MergePlan:
     * ``key_source(key) -> int | None``: copy this key from input ``i`` instead of merging it (a text encoder or
       VAE taken from one model). ``None`` merges the key.
     * ``key_weights(key) -> list[float] | None``: per-input weights for this key (block-weighted sums).
+
+    ``nonfinite`` is one of :data:`NONFINITE_MODES`: what to do with merged values that are NaN or Inf or beyond
+    the output dtype's range.
     """
 
     inputs: List[MergeInput]
@@ -55,6 +71,7 @@ class MergePlan:
     allow_missing: bool = False
     seed: int = 0
     title: Optional[str] = None
+    nonfinite: str = "error"
     key_params: Optional[Callable[[str], Dict[str, float]]] = None
     key_source: Optional[Callable[[str], Optional[int]]] = None
     key_weights: Optional[Callable[[str], Optional[Sequence[float]]]] = None
@@ -70,6 +87,8 @@ class KeyJob:
     out_dtype: str
     sources: List[int]  # inputs that have this key, in input order
     copy_from: Optional[int] = None  # copy exactly (or cast) from this input instead of merging
+    # inputs whose tensor of this key is scaled fp8 codes -> the key of its scale (the value is codes * scale)
+    scales: Dict[int, str] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -118,6 +137,8 @@ def prepare(plan: MergePlan) -> PreparedMerge:
     params = method.check_params(dict(plan.params))
     if plan.dtype not in OUTPUT_DTYPES:
         raise ManifestError(f"output dtype {plan.dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
+    if plan.nonfinite not in NONFINITE_MODES:
+        raise ManifestError(f"nonfinite {plan.nonfinite!r} is not one of {', '.join(NONFINITE_MODES)}")
     weights = [i.weight for i in plan.inputs]
     for i, w in zip(plan.inputs, weights):
         if not isinstance(w, (int, float)) or w != w or math.isinf(w):
@@ -128,27 +149,43 @@ def prepare(plan: MergePlan) -> PreparedMerge:
         raise ManifestError("the weights sum to 0, so they cannot be normalised")
     headers = list(plan.headers) if plan.headers is not None else [read_header(i.path) for i in plan.inputs]
     names = [i.display_name() for i in plan.inputs]
+    notes: List[str] = []
+    # Quantized inputs: bitsandbytes 4-bit is refused; scaled fp8 is merged as its dequantized values, so its scale
+    # and marker keys leave the key comparison and the output ("logical" headers: the weights alone).
+    quants = [quantization(h.tensors) for h in headers]
+    for name, q in zip(names, quants):
+        if q in REFUSED_QUANTIZATIONS:
+            raise IncompatibleModelsError(f"{name} is {quantization_refusal(q)}")
+    scale_of: List[Dict[str, str]] = [{} for _ in headers]
+    logical = [merge_view(h) for h in headers]
+    for i, q in enumerate(quants):
+        if q == "scaled_fp8":
+            scale_of[i], hidden = _scaled_fp8(headers[i], names[i])
+            notes.append(
+                f"{names[i]} is {QUANTIZATION_NAMES[q]}: its {len(scale_of[i])} fp8 weights are merged as their values "
+                f"(code x scale_weight); its {len(hidden)} scale and marker keys are not written"
+            )
     compat = _structure_check(plan, headers, names)
-    report = compat.keys if compat is not None else compare_keys(headers, names)
+    report = compat.keys if compat is not None else compare_keys(logical, names)
     if report.shape_mismatch or (report.missing and not plan.allow_missing):
         hint = "" if report.shape_mismatch else "\n(use --allow-missing to merge each key over the models that have it)"
         structure = "" if compat is None else "\n\nstructure (Analyze Structure):\n" + render_compat(compat)
         raise IncompatibleModelsError(
             "the models cannot be merged key by key:\n" + report.describe() + hint + structure, report
         )
-    all_keys = sorted({k for h in headers for k in h.tensors})
+    all_keys = sorted({k for h in logical for k in h.tensors})
     kinds = method.input_kinds(len(plan.inputs))
     base = kinds.index("base") if "base" in kinds else None
     jobs: List[KeyJob] = []
-    notes: List[str] = []
+    kept_as: Dict[int, str] = {}  # dtype keep: the dtype a scaled fp8 model's weights are written in
     if report.missing:
         notes.append("merged with missing keys: " + report.describe())
     for key in all_keys:
-        sources = [i for i, h in enumerate(headers) if key in h.tensors]
-        first = headers[sources[0]].tensors[key]
-        kinds_of = {headers[i].tensors[key].is_float for i in sources}
+        sources = [i for i, h in enumerate(logical) if key in h.tensors]
+        first = logical[sources[0]].tensors[key]
+        kinds_of = {logical[i].tensors[key].is_float for i in sources}
         if len(kinds_of) > 1:
-            shown = ", ".join(f"{names[i]} {headers[i].tensors[key].dtype}" for i in sources)
+            shown = ", ".join(f"{names[i]} {logical[i].tensors[key].dtype}" for i in sources)
             raise IncompatibleModelsError(
                 f"{key} holds integers in some models and floats in others ({shown}); integer codes cannot be "
                 "averaged with weights, and a float tensor cannot be copied into an integer one"
@@ -167,19 +204,54 @@ def prepare(plan: MergePlan) -> PreparedMerge:
                 f"{key}: the base ({names[base]}) lacks this key, so {method.name} has no difference to take for it "
                 "(give a base that has every key, or take this key from one model)"
             )
-        if copy_from is not None and (not headers[copy_from].tensors[key].is_float or key in MARKER_KEYS):
-            out_dtype = headers[copy_from].tensors[key].dtype  # integers and markers keep their bytes
+        if copy_from is not None and (not logical[copy_from].tensors[key].is_float or key in MARKER_KEYS):
+            out_dtype = logical[copy_from].tensors[key].dtype  # integers and markers keep their bytes
         else:
-            out_dtype = OUTPUT_DTYPES[plan.dtype] or headers[copy_from if copy_from is not None else sources[0]].tensors[key].dtype
+            chosen = copy_from if copy_from is not None else sources[0]
+            out_dtype = OUTPUT_DTYPES[plan.dtype]
+            if out_dtype is None and key in scale_of[chosen]:  # fp8 codes mean nothing without their scale
+                if chosen not in kept_as:
+                    kept_as[chosen] = _plain_float_dtype(logical[chosen], scale_of[chosen])
+                out_dtype = kept_as[chosen]
+            out_dtype = out_dtype or logical[chosen].tensors[key].dtype
         if copy_from is None and len(sources) < method.min_inputs:
             if method.roles:  # a role-bound method cannot merge a key some roles lack: keep the first model's
                 copy_from = sources[0]
                 notes.append(f"{key}: only in {len(sources)} model(s); copied from {names[sources[0]]}")
-        jobs.append(KeyJob(key, first.shape, out_dtype, sources, copy_from))
+        scales = {i: scale_of[i][key] for i in sources if key in scale_of[i]}
+        jobs.append(KeyJob(key, first.shape, out_dtype, sources, copy_from, scales))
+    for i, dt in kept_as.items():
+        notes.append(
+            f"dtype keep: the scaled fp8 weights of {names[i]} are written as {dtype_label(dt)}, the dtype of its other "
+            "tensors (fp8 codes cannot be kept without their scales)"
+        )
     det = compat.detections[0] if compat is not None else None
     arch = modelspec_architecture(det) if det is not None else "unknown"
     structure = det.arch_name if det is not None else "unknown"
     return PreparedMerge(plan, headers, jobs, method, params, report, arch, structure, notes, compat)
+
+
+def _scaled_fp8(header: SafetensorsHeader, name: str) -> Tuple[Dict[str, str], List[str]]:
+    """{weight key: scale key} and the keys a dequantized output leaves out, for a scaled fp8 input; refuses a
+    scale that is not one float per layer (the only kind ComfyUI writes)."""
+    scales, hidden = scaled_fp8_keys(header.tensors)
+    for weight, key in scales.items():
+        t = header.tensors[key]
+        if not t.is_float or t.numel != 1:
+            raise IncompatibleModelsError(
+                f"{name}: {key} holds {t.numel} {t.dtype} values where ComfyUI's scaled fp8 has one float per layer; "
+                "this quantized layout is not supported (merge the unquantized model instead)"
+            )
+    return scales, hidden
+
+
+def _plain_float_dtype(header: SafetensorsHeader, scaled: Dict[str, str]) -> str:
+    """The float dtype holding most of a scaled fp8 model's other tensors (its compute dtype), F16 when none."""
+    by: Counter = Counter()
+    for k, t in header.tensors.items():
+        if t.is_float and k not in scaled and not t.dtype.startswith("F8"):
+            by[t.dtype] += t.nbytes
+    return by.most_common(1)[0][0] if by else "F16"
 
 
 def _structure_check(plan: MergePlan, headers, names) -> Optional[CompatReport]:
@@ -232,5 +304,6 @@ def plan_from_manifest(manifest, *, check_files: bool = True, **overrides) -> Me
         allow_missing=m.allow_missing,
         seed=m.seed,
         title=m.title,
+        nonfinite=m.nonfinite,
         recipe=recipe,
     )

@@ -7,12 +7,23 @@ accumulator chunk, which is then narrowed to the output dtype straight into the 
 stays at a few megabytes of chunks plus the writer's ring, whatever the number or size of the models. On a GPU the
 accumulator is one fp32 tensor of the largest key, fed through pinned staging buffers.
 
+Every value is widened to fp32 before any arithmetic (fp8 included, which torch does not promote); a scaled fp8
+input (ComfyUI's format) is dequantized on the way: its scale is folded into a linear method's coefficient, or
+multiplied into the fp32 values a tensor method receives. Chunks are sized to the sink's buffers, so a key of
+8-byte elements (F64, I64) goes out in chunks of fewer elements.
+
+Before values are narrowed to the output dtype, each chunk is checked: finite, and inside the output dtype's range
+(one sum, or a min and a max). What happens otherwise is the plan's ``nonfinite``: stop with
+:class:`NonFiniteError` naming the key and the inputs that hold such values (looked for only then), or write them
+and note the key, or clamp them and note the key (``MergeResult.notes``).
+
 Both entry points take a :class:`~merger_core.merge.plan.MergePlan` and report through plain callbacks
 (``progress(ProgressInfo)`` and ``cancel() -> bool``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import zlib
@@ -21,9 +32,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .. import methods as _methods
-from ..errors import BadFileError, ManifestError, MergeCancelled
+from ..errors import BadFileError, ManifestError, MergeCancelled, ModelMergerError, NonFiniteError
 from ..io.reader import Prefetcher, Unmapper, open_inputs
-from ..io.safetensors import DTYPE_SIZES, torch_dtype
+from ..io.safetensors import DTYPE_SIZES, FLOAT_DTYPES, MARKER_KEYS, dtype_label, torch_dtype
 from ..io.writer import HASH_METADATA_KEY, HASH_PLACEHOLDER, StreamingWriter
 from .device import resolve_device
 from .metadata import build_metadata
@@ -31,6 +42,7 @@ from .plan import KeyJob, MergePlan, PreparedMerge, prepare
 from .sinks import DictSink, FileSink
 
 CHUNK_ELEMENTS = 1 << 20  # fp32 accumulator chunk on the CPU: 4 MiB
+NOTE_KEYS = 5  # keys named in a note about values that do not fit; the rest are counted
 
 
 @dataclass
@@ -79,17 +91,23 @@ class _Runner:
         self.on_cpu = self.device.type == "cpu"
         self.names = [i.display_name() for i in self.plan.inputs]
         self.base_weights = [float(i.weight) for i in self.plan.inputs]
+        self.nonfinite = self.plan.nonfinite
+        self.scales: Dict[int, float] = {}  # the current key's scaled fp8 inputs -> their scale
+        self.flagged: Dict[str, List[int]] = {}  # key -> [NaN, Inf, beyond the output range] (warn, clamp)
+        self._flagged_dtype: Dict[str, str] = {}
+        self._limits: Dict[str, float] = {}
         C = CHUNK_ELEMENTS
         if self.on_cpu:
             self.acc = torch.empty(C, dtype=torch.float32)
             self.tmp = torch.empty(C, dtype=torch.float32)
         else:
             n = prep.largest_numel
+            nbytes = _device_bytes(prep)  # the largest merged key at its widest element (8 bytes for F64)
             self.acc = torch.empty(n, dtype=torch.float32, device=self.device)
-            self.dev_out = torch.empty(n * 4, dtype=torch.uint8, device=self.device)
+            self.dev_out = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             self.pin = self.device.type == "cuda"
-            self.staging = torch.empty(n * 4, dtype=torch.uint8, pin_memory=self.pin)
-            self.host_out = torch.empty(n * 4, dtype=torch.uint8, pin_memory=self.pin)
+            self.staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+            self.host_out = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
 
     # -- weights and parameters per key --------------------------------------------------------------------------
     def key_weights(self, job: KeyJob) -> List[float]:
@@ -132,6 +150,8 @@ class _Runner:
                 check_unchanged(prep.headers, f"before {job.name}")
                 prefetch.advance(idx)
                 views = {i: handles[i].get_tensor(job.name) for i in ([job.copy_from] if job.copy_from is not None else job.sources)}
+                # scaled fp8 inputs: the value is code * scale (one float per layer)
+                self.scales = {i: _scalar(handles[i].get_tensor(name)) for i, name in job.scales.items() if i in views}
                 self.sink.begin_key(job)
                 if job.copy_from is not None:
                     self.copy_key(job, views[job.copy_from])
@@ -156,8 +176,12 @@ class _Runner:
         out_dt = torch_dtype(job.out_dtype)
         item = DTYPE_SIZES[job.out_dtype]
         n = job.numel
-        for s in range(0, n, CHUNK_ELEMENTS):
-            e = min(n, s + CHUNK_ELEMENTS)
+        step = CHUNK_ELEMENTS
+        room = getattr(self.sink, "chunk_bytes", None)  # a sink with fixed buffers: as many elements as fit one
+        if room is not None:
+            step = max(1, min(step, room // item))
+        for s in range(0, n, step):
+            e = min(n, s + step)
             dst = self.sink.chunk((e - s) * item, out_dt)
             produce(s, e, dst)
             self.sink.commit((e - s) * item)
@@ -170,20 +194,22 @@ class _Runner:
         self.emit_cpu(job, produce)
 
     def copy_key(self, job: KeyJob, view) -> None:
-        torch = self.torch
         flat = view.reshape(-1)
-        out_dt = torch_dtype(job.out_dtype)
-        if flat.dtype == out_dt:
-            self.emit_host(job, flat)
-        else:
-            def produce(s, e, dst):
-                dst.copy_(flat[s:e])
+        if job.out_dtype not in FLOAT_DTYPES or job.name in MARKER_KEYS:
+            return self.emit_host(job, flat)  # integers and markers keep their bytes
+        views = {job.copy_from: view}
+        scale = self.scales.get(job.copy_from)
 
-            self.emit_cpu(job, produce)
+        def produce(s, e, dst):  # a float key taken from one model: checked like a merged one
+            x = flat[s:e] if scale is None else flat[s:e].to(self.torch.float32) * scale
+            dst.copy_(self.guard(job, x, s, views))
+
+        self.emit_cpu(job, produce)
 
     def linear_key(self, job: KeyJob, views) -> None:
         torch = self.torch
         coefs = self.prep.method.coefficients(self.key_weights(job), self.key_params(job))
+        coefs = [c * self.scales.get(i, 1.0) for i, c in zip(job.sources, coefs)]  # c * (code * scale)
         terms = [(views[i].reshape(-1), float(c)) for i, c in zip(job.sources, coefs) if c != 0.0]
         if not terms:
             def zero(s, e, dst):
@@ -205,20 +231,22 @@ class _Runner:
                     a.add_(xs, alpha=c / c0)
                 if c0 != 1.0:
                     a.mul_(c0)
-                dst.copy_(a)
+                dst.copy_(self.guard(job, a, s, views))
 
             self.emit_cpu(job, produce)
         else:
             acc = self.acc[: job.numel]
             for k, (x, c) in enumerate(terms):
                 xd = self.to_device(x)
+                if k > 0 and xd.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                    xd = xd.to(torch.float32)  # torch does not promote fp8 (or fp64 into fp32 in place) in add_
                 if k == 0:
                     acc.copy_(xd)
                     if c != 1.0:
                         acc.mul_(c)
                 else:
                     acc.add_(xd, alpha=c)
-            self.emit_device(job, acc)
+            self.emit_device(job, self.guard(job, acc, 0, views))
 
     def tensor_key(self, job: KeyJob, views) -> None:
         torch = self.torch
@@ -230,22 +258,143 @@ class _Runner:
         if self.on_cpu and method.chunkable:
             def produce(s, e, dst):
                 ctx.offset = s
-                dst.copy_(method.merge_tensor([f[s:e].to(torch.float32) for f in flats], weights, params, ctx))
+                merged = method.merge_tensor([self.widen(i, f[s:e]) for i, f in zip(job.sources, flats)], weights, params, ctx)
+                dst.copy_(self.guard(job, merged, s, views))
 
             self.emit_cpu(job, produce)
             return
         if self.on_cpu and method.native_inputs:
-            ts = [f.reshape(job.shape) for f in flats]  # file-dtype views; the method widens slices itself
+            # file-dtype views; the method widens slices itself (a scaled fp8 input is dequantized here, in fp32)
+            ts = [(f if i not in self.scales else self.widen(i, f)).reshape(job.shape) for i, f in zip(job.sources, flats)]
         elif self.on_cpu:
-            ts = [f.to(torch.float32).reshape(job.shape) for f in flats]
+            ts = [self.widen(i, f).reshape(job.shape) for i, f in zip(job.sources, flats)]
         else:
-            ts = [self.to_device(f).to(torch.float32).reshape(job.shape) for f in flats]
+            ts = [self.widen(i, self.to_device(f)).reshape(job.shape) for i, f in zip(job.sources, flats)]
         result = method.merge_tensor(ts, weights, params, ctx).reshape(-1)
         del ts
+        result = self.guard(job, result, 0, views)
         if self.on_cpu:
             self.emit_host(job, result.to(torch_dtype(job.out_dtype)))
         else:
             self.emit_device(job, result)
+
+    # -- values that do not fit ---------------------------------------------------------------------------
+    def limit(self, st_dtype: str) -> float:
+        """The largest finite value of a float output dtype."""
+        if st_dtype not in self._limits:
+            try:
+                self._limits[st_dtype] = float(self.torch.finfo(torch_dtype(st_dtype)).max)
+            except (TypeError, ModelMergerError):
+                self._limits[st_dtype] = float("inf")
+        return self._limits[st_dtype]
+
+    def guard(self, job: KeyJob, values, start: int, views):
+        """Check values about to be written as ``job.out_dtype`` (elements ``start..`` of the key): finite and
+        inside the output dtype's range. One sum (fp32/fp64 outputs) or a min and a max (narrower outputs); only a
+        chunk that fails is looked at further. Returns
+        the values to write (clamped with ``nonfinite="clamp"``); raises :class:`NonFiniteError` with "error"."""
+        torch = self.torch
+        if values.numel() == 0:
+            return values
+        limit = self.limit(job.out_dtype)
+        w = values if values.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) else values.float()
+        if job.out_dtype in ("F32", "F64"):
+            # the range is fp32's own: one sum tells (NaN and Inf make it non-finite; a sum that overflows on
+            # finite values only sends the chunk to the exact look below)
+            total = float(w.sum(dtype=torch.float64 if w.dtype == torch.float64 else torch.float32))
+            if math.isfinite(total):
+                return values
+        elif -limit <= float(torch.amin(w)) and float(torch.amax(w)) <= limit:  # False for NaN
+            return values
+        return self._does_not_fit(job, values, w, start, views, limit)
+
+    def _does_not_fit(self, job: KeyJob, values, w, start: int, views, limit: float):
+        torch = self.torch
+        if job.out_dtype == "F64" and w.dtype != torch.float64:
+            w = w.double()
+        elif w.dtype not in (torch.float32, torch.float64):
+            w = w.float()
+        nan = int(torch.isnan(w).sum())
+        inf = int(torch.isinf(w).sum())
+        beyond = int((w.abs() > limit).sum()) - inf
+        if not (nan or inf or beyond):  # finite values whose fp32 sum overflowed: they fit
+            return values
+        if self.nonfinite == "error":
+            raise NonFiniteError(self._nonfinite_message(job, w, start, views, limit, nan, inf, beyond))
+        counts = self.flagged.setdefault(job.name, [0, 0, 0])
+        self._flagged_dtype[job.name] = job.out_dtype
+        counts[0] += nan
+        counts[1] += inf
+        counts[2] += beyond
+        if self.nonfinite == "warn":
+            return w
+        return torch.nan_to_num(w, nan=0.0, posinf=limit, neginf=-limit).clamp_(-limit, limit)
+
+    def input_values(self, job: KeyJob, i: int, views, start: int, stop: int):
+        """Input ``i``'s values of elements ``start..stop`` of the key, in fp32 (the error path's look at the inputs)."""
+        return self.widen(i, views[i].reshape(-1)[start:stop])
+
+    def widen(self, i: int, x):
+        """Input ``i``'s elements ``x`` as fp32 values: widened, and for a scaled fp8 input times its scale."""
+        x = x.to(self.torch.float32)
+        scale = self.scales.get(i)
+        return x if scale is None else x * scale
+
+    def _nonfinite_message(self, job: KeyJob, w, start: int, views, limit: float, nan: int, inf: int, beyond: int) -> str:
+        torch = self.torch
+        out = dtype_label(job.out_dtype)
+        stop = start + w.numel()
+        sources = [job.copy_from] if job.copy_from is not None else list(job.sources)
+        holding, large = [], []
+        for i in sources:
+            x = self.input_values(job, i, views, start, stop)
+            kinds = [k for k, n in (("NaN", int(torch.isnan(x).sum())), ("Inf", int(torch.isinf(x).sum()))) if n]
+            if kinds:
+                holding.append(f"{self.names[i]} holds {' and '.join(kinds)}")
+            elif beyond:
+                top = float(x.abs().max())
+                if top > limit:
+                    large.append(f"{self.names[i]} (magnitudes up to {top:.6g})")
+        what = " and ".join(k for k, n in (("NaN", nan), ("Inf", inf)) if n)
+        copied = job.copy_from is not None
+        values = f"the values taken unmerged from {self.names[job.copy_from]}" if copied else "the merged values"
+        if holding:
+            head = f"{job.name}: {'; '.join(holding)} in this key, so {values} are not finite ({what or 'NaN/Inf'})"
+        elif beyond or (inf and large):
+            head = f"{job.name}: {values} do not fit {out}, which holds values up to +-{limit:g}"
+            if large:
+                head += f"; beyond that range: {', '.join(large)}"
+            else:
+                head += " (the weights or parameters push them beyond it)"
+        else:
+            head = (f"{job.name}: the merged values are not finite ({what}) although every input's values are finite: "
+                    "the weights or parameters push them beyond the range of fp32")
+        advice = ""
+        if (beyond or large) and job.out_dtype not in ("F32", "F64", "BF16"):
+            advice = "write a wider output dtype (bf16 or fp32), or "
+        return (
+            f"{head}. No output was written; {advice}set nonfinite to \"warn\" to write the values as they are, or to "
+            f"\"clamp\" to clamp them to {out}'s range with NaN as 0 (--nonfinite warn|clamp on the command line, "
+            "\"nonfinite\" in a manifest)"
+        )
+
+    def nonfinite_notes(self) -> List[str]:
+        """The note about keys whose values did not fit (warn, clamp): the first few by name, and a count."""
+        if not self.flagged:
+            return []
+        keys = list(self.flagged)
+        labels = {}
+        for k in keys:
+            nan, inf, beyond = self.flagged[k]
+            parts = [f"{nan:,} NaN" if nan else "", f"{inf:,} Inf" if inf else "",
+                     f"{beyond:,} beyond {dtype_label(self._flagged_dtype[k])}'s range" if beyond else ""]
+            labels[k] = ", ".join(p for p in parts if p)
+        shown = "; ".join(f"{k} ({labels[k]})" for k in keys[:NOTE_KEYS])
+        more = f" and {len(keys) - NOTE_KEYS} more" if len(keys) > NOTE_KEYS else ""
+        n = f"{len(keys)} key{'s' if len(keys) != 1 else ''}"
+        if self.nonfinite == "warn":
+            return [f"{n} held NaN/Inf or values beyond the output dtype's range, written as they are (nonfinite warn): {shown}{more}"]
+        return [f"{n} held NaN/Inf or values beyond the output dtype's range, clamped to that range with NaN as 0 (nonfinite clamp): {shown}{more}"]
 
     # -- GPU transfers -----------------------------------------------------------------------------------------
     def to_device(self, flat):
@@ -286,6 +435,23 @@ def check_unchanged(headers, when: str) -> None:
             )
 
 
+def _scalar(t) -> float:
+    """The one value of a scale tensor (fp32, or any float dtype)."""
+    return float(t.reshape(-1)[0].float())
+
+
+def _device_bytes(prep: PreparedMerge) -> int:
+    """Bytes of the GPU path's staging and output buffers: the largest merged key (copied keys stay on the host) at
+    the widest element it reads or writes, at least 4 bytes (fp32)."""
+    most = 0
+    for job in prep.jobs:
+        if job.copy_from is not None:
+            continue
+        item = max([4, DTYPE_SIZES[job.out_dtype]] + [DTYPE_SIZES[prep.headers[i].tensors[job.name].dtype] for i in job.sources])
+        most = max(most, job.numel * item)
+    return most
+
+
 def _read_ranges(prep: PreparedMerge) -> List[List[Tuple[int, int, int]]]:
     """Per job, the byte ranges it reads: (input index, file offset, length)."""
     out = []
@@ -320,13 +486,14 @@ def merge_to_file(
     writer = StreamingWriter(output, prep.out_tensors, metadata, overwrite=overwrite, opener=opener)
     writer.check_target()
     t0 = time.monotonic()
-    chunk_bytes = CHUNK_ELEMENTS * 4
+    chunk_bytes = CHUNK_ELEMENTS * 4  # the ring's buffers; a key of wider elements goes in chunks of fewer elements
     with ExitStack() as stack:
         handles = open_inputs(stack, prep.headers)
         with writer:
             sink = FileSink(writer, chunk_bytes)
             try:
-                _Runner(prep, sink, progress, cancel).run(handles)
+                runner = _Runner(prep, sink, progress, cancel)
+                runner.run(handles)
             except BaseException:
                 sink.abort()
                 raise
@@ -334,8 +501,8 @@ def merge_to_file(
             check_unchanged(prep.headers, "at the end")  # before the rename: a rewritten input gives no output
     metadata[HASH_METADATA_KEY] = "0x" + writer.sha256
     return MergeResult(
-        output, len(prep.jobs), writer.total_bytes, time.monotonic() - t0, writer.sha256, prep.architecture, metadata, prep.notes,
-        prep.structure, list(writer.swept),
+        output, len(prep.jobs), writer.total_bytes, time.monotonic() - t0, writer.sha256, prep.architecture, metadata,
+        list(prep.notes) + runner.nonfinite_notes(), prep.structure, list(writer.swept),
     )
 
 
@@ -353,10 +520,12 @@ def merge_to_state_dict(
     with ExitStack() as stack:
         handles = open_inputs(stack, prep.headers)
         try:
-            _Runner(prep, sink, progress, cancel).run(handles)
+            runner = _Runner(prep, sink, progress, cancel)
+            runner.run(handles)
             check_unchanged(prep.headers, "at the end")
         except BaseException:
             sink.abort()
             raise
-    result = MergeResult(None, len(prep.jobs), prep.output_bytes, time.monotonic() - t0, None, prep.architecture, {}, prep.notes, prep.structure)
+    result = MergeResult(None, len(prep.jobs), prep.output_bytes, time.monotonic() - t0, None, prep.architecture, {},
+                         list(prep.notes) + runner.nonfinite_notes(), prep.structure)
     return sink.out, result

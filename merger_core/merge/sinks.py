@@ -28,6 +28,7 @@ class FileSink:
         import torch
 
         self.writer = writer
+        self.chunk_bytes = chunk_bytes  # the most bytes one chunk may hold: the runner sizes its chunks to it
         self.buffers = [torch.empty(chunk_bytes, dtype=torch.uint8) for _ in range(WRITE_RING)]
         self.free: "queue.Queue[int]" = queue.Queue()
         for i in range(WRITE_RING):
@@ -72,9 +73,11 @@ class FileSink:
                 self.free.put(item[0])
 
     def chunk(self, nbytes: int, dtype):
-        """A 1-D buffer of ``dtype`` with room for ``nbytes`` to fill, then :meth:`commit`."""
+        """A 1-D buffer of ``dtype`` with room for ``nbytes`` (at most :attr:`chunk_bytes`) to fill, then :meth:`commit`."""
         if self.error is not None:
             raise self.error
+        if nbytes > self.chunk_bytes:
+            raise ValueError(f"a chunk of {nbytes} bytes does not fit the writer's {self.chunk_bytes}-byte buffers")
         self._slot = self.free.get()
         return self.buffers[self._slot][:nbytes].view(dtype)
 
@@ -103,6 +106,8 @@ class FileSink:
 
 class DictSink:
     """Builds a state dict of CPU tensors (graph mode)."""
+
+    chunk_bytes = None  # any chunk size: each key is one tensor
 
     def __init__(self):
         self.out: Dict[str, object] = {}

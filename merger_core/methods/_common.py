@@ -71,6 +71,14 @@ def f32(t):
     return t if t.dtype == torch.float32 else t.to(torch.float32)
 
 
+def operand(t):
+    """``t`` ready for arithmetic with fp32 tensors: fp16, bf16 and fp32 as they are (torch widens them inside the
+    operation, with no temporary), anything else (fp8, which torch does not promote, and fp64) widened to fp32."""
+    import torch
+
+    return t if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.to(torch.float32)
+
+
 def flat(t):
     return t.reshape(-1)
 

@@ -10,7 +10,7 @@ identical bytes on every run, whatever the slice size or device.
 """
 
 from .registry import MergeMethod, Param, register
-from ._common import f32, run_slices
+from ._common import f32, operand, run_slices
 
 BLOCK = 1 << 14
 _M = (1 << 63) - 1
@@ -60,7 +60,7 @@ def dare_merge(tensors, weights, drop: float, scale: float, key_seed: int, sourc
         b = f32(base[s:e])
         acc = torch.zeros_like(b)
         for m, w, u in zip(models, weights[1:], draws):
-            d = torch.sub(m[s:e], b)
+            d = torch.sub(operand(m[s:e]), b)
             if u is not None:
                 d.masked_fill_(u[s:e] < drop, 0.0)
             acc.add_(d, alpha=float(w))

@@ -11,13 +11,14 @@ differences that agree with it (non-zero, same sign) are averaged with weights `
 import math
 
 from .registry import MergeMethod, Param, register
-from ._common import f32, flat, kth_largest_streamed, run_slices
+from ._common import f32, flat, kth_largest_streamed, operand, run_slices
 
 SAMPLE = 1 << 16  # elements sampled (strided) to bracket each threshold
 
 
 def ties_merge(tensors, weights, density: float, scale: float):
-    """tensors[0] is the base; any float dtype (slices are widened to fp32). Returns a flat fp32 tensor."""
+    """tensors[0] is the base; any float dtype: every slice meets fp32 arithmetic widened (fp16/bf16 inside the
+    operation, fp8 and fp64 first: torch does not promote fp8 in mixed operations). Returns a flat fp32 tensor."""
     import torch
 
     base = flat(tensors[0])
@@ -28,10 +29,10 @@ def ties_merge(tensors, weights, density: float, scale: float):
     thresholds = []
     for m in models:  # pass 1: each model's magnitude threshold over the whole key, streamed
         def absdiff(s, e, m=m):
-            return torch.sub(m[s:e], f32(base[s:e])).abs_()
+            return torch.sub(operand(m[s:e]), f32(base[s:e])).abs_()
 
         step = max(1, n // SAMPLE)
-        sample = torch.sub(m[::step], f32(base[::step])).abs_()
+        sample = torch.sub(operand(m[::step]), f32(base[::step])).abs_()
         thresholds.append(None if count >= n else kth_largest_streamed(absdiff, n, count, sample))
     keep_all = count >= n
     signed_weights = any(w <= 0 for w in ws)
@@ -50,7 +51,7 @@ def ties_merge(tensors, weights, density: float, scale: float):
             if lam is None:
                 trimmed.append(None)
                 continue
-            d = torch.sub(m[s:e], b)
+            d = torch.sub(operand(m[s:e]), b)
             if lam >= 0:
                 d = torch.nn.functional.hardshrink(d, lam)
             trimmed.append(d)

@@ -61,6 +61,10 @@ def detection_facts(det: "Detection") -> List[tuple]:
         ("variant", det.variant),
         ("prediction", det.prediction),
         ("dtype", det.dtype_label or "-"),
+    ]
+    if det.quantization:
+        facts.append(("quantization", _quantization_label(det)))
+    facts += [
         ("parameters", params),
         ("file size", size),
         ("mergeable", "yes" if det.mergeable else f"no: {det.refusal}"),
@@ -68,6 +72,20 @@ def detection_facts(det: "Detection") -> List[tuple]:
     if det.metadata_claims:
         facts.append(("claims", "; ".join(f"{k}={v}" for k, v in det.metadata_claims.items())))
     return facts
+
+
+def _quantization_label(det: "Detection") -> str:
+    from ..arch.detect import QUANTIZATION_NAMES
+
+    name = QUANTIZATION_NAMES.get(det.quantization or "", det.quantization or "")
+    if det.quantization == "scaled_fp8":
+        return f"{name} (fp8 codes times a per-layer scale; dequantized to merge)"
+    return f"{name} (packed 4-bit codes; not mergeable)"
+
+
+def _dtype_cell(det: "Detection") -> str:
+    """The dtype with the quantized format beside it (``fp8_e4m3fn [scaled_fp8]``)."""
+    return (det.dtype_label or "-") + (f" [{det.quantization}]" if det.quantization else "")
 
 
 def render_detection(det: "Detection", evidence: bool = True) -> str:
@@ -97,7 +115,7 @@ def render_detections(dets: Sequence["Detection"]) -> str:
         missing = [n for n, c in d.components.items() if c.status == "missing" and c.required and n != "unet"]
         rows.append((
             d.file_name, d.arch_id if d.known else f"unknown~{d.closest or '-'}", d.variant, d.prediction,
-            d.dtype_label, human_params(d.params), human_bytes(d.file_size),
+            _dtype_cell(d), human_params(d.params), human_bytes(d.file_size),
             ("no " + ",".join(missing)) if missing else "",
             "!" + str(len(d.disagreements)) if d.disagreements else "",
         ))
@@ -110,7 +128,7 @@ def render_detections(dets: Sequence["Detection"]) -> str:
 
 def render_compat(rep: "CompatReport") -> str:
     lines = [f"verdict: {rep.verdict}"]
-    lines.append(_table([(f"[{i}]", n, d.arch_id if d.known else "unknown", d.variant, d.dtype_label)
+    lines.append(_table([(f"[{i}]", n, d.arch_id if d.known else "unknown", d.variant, _dtype_cell(d))
                          for i, (n, d) in enumerate(zip(rep.files, rep.detections))],
                         ("#", "file", "arch", "variant", "dtype")))
     for p in rep.problems:
