@@ -93,10 +93,16 @@ def check_allowed(path: str, what: str = "folder") -> str:
     for root in roots:
         if _inside(absolute, root) or _inside(real, os.path.realpath(root)):
             return absolute
-    raise PathNotAllowedError(
-        f"{what} {path!r} is outside the folders ComfyUI knows for models. Only these are allowed: "
-        + ", ".join(roots)
-        + f". The server's owner can allow any folder by starting ComfyUI with {ALLOW_ANY_FOLDER_ENV}=1."
+    log.info("Model Merger refused %s %r; allowed folders: %s", what, path, ", ".join(roots))  # for the owner only
+    raise PathNotAllowedError(refusal(what, path))
+
+
+def refusal(what: str, path: str) -> str:
+    """Why a path is refused: the rule and the path, never the server's folder layout (a browser user reads it)."""
+    return (
+        f"{what} {path!r} is outside the folders ComfyUI knows for models (only its model folders, those of "
+        f"extra_model_paths.yaml included, and its output folder are allowed). The server's owner can allow any "
+        f"folder by starting ComfyUI with {ALLOW_ANY_FOLDER_ENV}=1."
     )
 
 
@@ -125,7 +131,7 @@ def manifest_files() -> List[str]:
 def manifest_file_path(name: str) -> str:
     path = folder_paths.get_full_path(FOLDER_KIND, name)
     if path is None:
-        raise ModelMergerError(f"manifest {name!r} is not in the model_merger folders: {', '.join(folder_paths.get_folder_paths(FOLDER_KIND))}")
+        raise ModelMergerError(f"manifest {name!r} is not in the model_merger folders (models/model_merger)")
     return path
 
 

@@ -14,6 +14,7 @@ from .merge_node import (
     COMMON_OUTPUT_TOOLTIPS,
     COMMON_RETURN_NAMES,
     COMMON_RETURN_TYPES,
+    MergeEvent,
     common_inputs,
     run_plan,
     validate_prefix,
@@ -104,15 +105,27 @@ class TrainDifference:
     def VALIDATE_INPUTS(cls, filename_prefix=None):
         return validate_prefix(filename_prefix)
 
+    @classmethod
+    def IS_CHANGED(cls, model_a=None, model_b=None, model_c=None, **_inputs):
+        """The three files' size and mtime: a model replaced in place merges again (the widgets are in the cache
+        key anyway)."""
+        try:
+            return repr(host.file_signature([host.checkpoint_path(n) for n in (model_a, model_b, model_c)]))
+        except Exception as exc:  # the run reports it
+            return f"error: {exc}"
+
     def merge(self, model_a, model_b, model_c, alpha, alpha_blocks, device, dtype, output_mode, filename_prefix,
               unique_id=None):
-        paths = [host.check_allowed(host.checkpoint_path(n), "model") for n in (model_a, model_b, model_c)]
-        plan = trainmerge.plan_train_difference(*paths, alpha=float(alpha), alpha_blocks=(alpha_blocks or "").strip() or None,
-                                                dtype=dtype, device=device)
-        header = [f"A {model_a} + train difference of (B {model_b} - C {model_c}), alpha {alpha:g}"
-                  + (f", per block {alpha_blocks}" if (alpha_blocks or "").strip() else "")]
-        return run_plan(plan, node_id=unique_id, output_mode=output_mode, filename_prefix=filename_prefix,
-                        title="Model Merger: train difference", header_lines=header)
+        title = "Model Merger: train difference"
+        with MergeEvent(title, unique_id) as ev:
+            paths = [host.check_allowed(host.checkpoint_path(n), "model") for n in (model_a, model_b, model_c)]
+            plan = trainmerge.plan_train_difference(*paths, alpha=float(alpha),
+                                                    alpha_blocks=(alpha_blocks or "").strip() or None,
+                                                    dtype=dtype, device=device)
+            header = [f"A {model_a} + train difference of (B {model_b} - C {model_c}), alpha {alpha:g}"
+                      + (f", per block {alpha_blocks}" if (alpha_blocks or "").strip() else "")]
+            return run_plan(plan, node_id=unique_id, output_mode=output_mode, filename_prefix=filename_prefix,
+                            title=title, header_lines=header, event=ev)
 
 
 class CrossArchMerge:
@@ -173,8 +186,9 @@ class CrossArchMerge:
                            "scale everywhere.",
             }),
             "seed": ("INT", {
-                "default": 0, "min": 0, "max": 2 ** 31 - 1,
-                "tooltip": "Seed for dare's random drop (per key: the same seed gives identical bytes).",
+                "default": 0, "min": 0, "max": 2 ** 31 - 1, "control_after_generate": True,
+                "tooltip": "Seed for dare's random drop (per key: the same seed gives identical bytes). The control "
+                           "after it starts 'fixed': a changing seed would merge again on every run.",
             }),
         }
         req.update(common_inputs())
@@ -184,8 +198,29 @@ class CrossArchMerge:
     def VALIDATE_INPUTS(cls, filename_prefix=None):
         return validate_prefix(filename_prefix)
 
+    @classmethod
+    def IS_CHANGED(cls, base=AUTO, **_inputs):
+        """The base file's size and mtime; with (automatic), those of every base it can choose from (a base added
+        to or replaced in models/merge_bases can change the result). The manifest's files are reported by the node
+        that made the manifest."""
+        try:
+            if base == AUTO:
+                paths = sorted(b.path for b in bases_mod.list_bases())
+            else:
+                paths = [base_path(base)]
+            return repr((base, host.file_signature(paths)))
+        except Exception as exc:  # the run reports it
+            return f"error: {exc}"
+
     def merge(self, manifest, base, combine, scale, density, drop, text_encoder, vae, scale_blocks, seed, device,
               dtype, output_mode, filename_prefix, unique_id=None):
+        title = "Model Merger: cross-arch merge"
+        with MergeEvent(title, unique_id) as ev:
+            return self._merge(ev, manifest, base, combine, scale, density, drop, text_encoder, vae, scale_blocks,
+                               seed, device, dtype, output_mode, filename_prefix, unique_id)
+
+    def _merge(self, ev, manifest, base, combine, scale, density, drop, text_encoder, vae, scale_blocks, seed, device,
+               dtype, output_mode, filename_prefix, unique_id):
         if manifest is None:
             raise ManifestError("no manifest connected")
         check_manifest_paths(manifest)
@@ -208,4 +243,4 @@ class CrossArchMerge:
         host.check_allowed(cp.base, "base")
         header = [f"cross-merge ({combine}, scale {scale:g}) of {len(manifest.models)} model(s)", cp.describe()]
         return run_plan(cp.plan, node_id=unique_id, output_mode=output_mode, filename_prefix=filename_prefix,
-                        title="Model Merger: cross-arch merge", header_lines=header)
+                        title="Model Merger: cross-arch merge", header_lines=header, event=ev)

@@ -116,9 +116,7 @@ class ScanFolder:
             if os.path.isdir(candidate):
                 roots.append(host.check_allowed(candidate, "folder"))
         if not roots:
-            raise sc.ScanError(
-                f"folder {folder!r} is not inside any checkpoint folder ({', '.join(host.checkpoint_folders())})"
-            )
+            raise sc.ScanError(f"folder {folder!r} is not inside any checkpoint folder")
         return roots
 
     @classmethod

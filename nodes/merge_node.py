@@ -80,6 +80,54 @@ def validate_prefix(filename_prefix=None):
     return problem or True
 
 
+class MergeEvent:
+    """The ``model_merger.done`` event of one merging node's run, sent on every way out of the node: done, failed
+    (also before the merge starts: a refused path, a missing base, a bad block string, missing requirements) or
+    cancelled. Its ``seconds`` is the merge's time; the garbage-collection pass after it is not counted.
+
+        with MergeEvent(title, node_id) as ev:
+            ...checks...
+            return run_plan(plan, ..., event=ev)
+    """
+
+    def __init__(self, title: str, node_id=None):
+        self.title = title
+        self.node_id = node_id
+        self.t0 = time.monotonic()
+        self.status = "failed"
+        self.message = ""
+        self.saved: Optional[str] = None
+        self.seconds: Optional[float] = None
+
+    def __enter__(self) -> "MergeEvent":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is not None:
+                if issubclass(exc_type, host.interrupt_exception_types() + (MergeCancelled,)):
+                    self.status, self.message = "cancelled", "merge cancelled; no output was written"
+                    host.send_text(self.node_id, self.message)
+                elif issubclass(exc_type, ModelMergerError):
+                    self.status, self.message = "failed", str(exc)
+                    host.send_text(self.node_id, f"error: {self.message}")
+                else:
+                    self.status, self.message = "failed", f"{exc_type.__name__}: {exc}"
+            seconds = self.seconds if self.seconds is not None else time.monotonic() - self.t0
+            host.send_event({
+                "status": self.status,
+                "ok": self.status == "done",
+                "title": self.title,
+                "message": self.message,
+                "seconds": round(seconds, 3),
+                "node": None if self.node_id is None else str(self.node_id),
+                "output": host.rel_to_output(self.saved) if self.saved else None,
+            })
+        finally:
+            gc.collect()
+        return False
+
+
 def run_plan(
     plan: "engine.MergePlan",
     *,
@@ -90,82 +138,68 @@ def run_plan(
     header_lines: Sequence[str] = (),
     to_file=None,
     to_state_dict=None,
+    event: Optional[MergeEvent] = None,
 ) -> tuple:
     """Run a merge plan in the chosen mode, with ComfyUI progress, cancel and the done event.
 
     ``to_file(output, progress, cancel)`` and ``to_state_dict(progress, cancel)`` default to the engine's
     ``merge_to_file`` / ``merge_to_state_dict`` on ``plan`` (other nodes pass their own, e.g. a cross-merge).
+    ``event``: the node's MergeEvent when the node made one around its own checks; else one is made here.
     Returns (MODEL, CLIP, VAE, report).
     """
+    if event is None:
+        with MergeEvent(title, node_id) as ev:
+            return run_plan(plan, node_id=node_id, output_mode=output_mode, filename_prefix=filename_prefix,
+                            title=title, header_lines=header_lines, to_file=to_file, to_state_dict=to_state_dict,
+                            event=ev)
+    event.title = title
     if output_mode not in OUTPUT_MODES:
         raise ManifestError(f"output_mode {output_mode!r} is not one of {', '.join(OUTPUT_MODES)}")
-    t0 = time.monotonic()
+    t0 = event.t0
     progress = host.NodeProgress(node_id)
-    status, message, saved = "failed", "", None
-    try:
-        prep = engine.prepare(plan)  # headers and preflight only: errors here cost nothing
-        notes: List[str] = []
-        model = clip = vae = None
-        out_path = None
-        if output_mode in ("disk", "both"):
-            out_path = host.output_path(filename_prefix)
-            os.makedirs(os.path.dirname(out_path), exist_ok=True)
-        if output_mode == "graph":
+    saved = None
+    prep = engine.prepare(plan)  # headers and preflight only: errors here cost nothing
+    notes: List[str] = []
+    model = clip = vae = None
+    out_path = None
+    if output_mode in ("disk", "both"):
+        out_path = host.output_path(filename_prefix)
+        os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    if output_mode == "graph":
+        room = host.make_room(2 * prep.output_bytes)
+        if room:
+            notes.append(room)
+        if to_state_dict is not None:
+            sd, result = to_state_dict(progress, progress.cancel)
+        else:
+            sd, result = engine.merge_to_state_dict(plan, progress=progress, cancel=progress.cancel, prepared=prep)
+        host.send_text(node_id, "loading the merged model into ComfyUI...")
+        model, clip, vae = host.load_state_dict(sd)
+        del sd
+    else:
+        if to_file is not None:
+            result = to_file(out_path, progress, progress.cancel)
+        else:
+            result = engine.merge_to_file(plan, out_path, progress=progress, cancel=progress.cancel, prepared=prep)
+        saved = event.saved = out_path
+        if output_mode == "both":
             room = host.make_room(2 * prep.output_bytes)
             if room:
                 notes.append(room)
-            if to_state_dict is not None:
-                sd, result = to_state_dict(progress, progress.cancel)
-            else:
-                sd, result = engine.merge_to_state_dict(plan, progress=progress, cancel=progress.cancel, prepared=prep)
-            host.send_text(node_id, "loading the merged model into ComfyUI...")
-            model, clip, vae = host.load_state_dict(sd)
-            del sd
+            host.send_text(node_id, "loading the saved file into ComfyUI...")
+            model, clip, vae = host.load_checkpoint(out_path)
         else:
-            if to_file is not None:
-                result = to_file(out_path, progress, progress.cancel)
-            else:
-                result = engine.merge_to_file(plan, out_path, progress=progress, cancel=progress.cancel, prepared=prep)
-            saved = out_path
-            if output_mode == "both":
-                room = host.make_room(2 * prep.output_bytes)
-                if room:
-                    notes.append(room)
-                host.send_text(node_id, "loading the saved file into ComfyUI...")
-                model, clip, vae = host.load_checkpoint(out_path)
-            else:
-                why = "Weighted Merge ran in disk mode: its MODEL/CLIP/VAE outputs are empty (use graph or both)"
-                model = host.blocked(why)
-                clip = host.blocked(why)
-                vae = host.blocked(why)
-        seconds = time.monotonic() - t0
-        report = format_report(plan, prep, result, title, header_lines, notes, saved, seconds)
-        status = "done"
-        message = report_summary(plan, saved, seconds)
-        host.send_text(node_id, f"done in {host.human_seconds(seconds)}" + (f": {host.rel_to_output(saved)}" if saved else ""))
-        return (model, clip, vae, report)
-    except host.interrupt_exception_types() + (MergeCancelled,) as exc:
-        status, message = "cancelled", "merge cancelled; no output was written"
-        host.send_text(node_id, message)
-        raise
-    except ModelMergerError as exc:
-        message = str(exc)
-        host.send_text(node_id, f"error: {message}")
-        raise
-    except Exception as exc:
-        message = f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        gc.collect()
-        host.send_event({
-            "status": status,
-            "ok": status == "done",
-            "title": title,
-            "message": message,
-            "seconds": round(time.monotonic() - t0, 3),
-            "node": None if node_id is None else str(node_id),
-            "output": host.rel_to_output(saved) if saved else None,
-        })
+            why = "Weighted Merge ran in disk mode: its MODEL/CLIP/VAE outputs are empty (use graph or both)"
+            model = host.blocked(why)
+            clip = host.blocked(why)
+            vae = host.blocked(why)
+    seconds = time.monotonic() - t0
+    report = format_report(plan, prep, result, title, header_lines, notes, saved, seconds)
+    event.seconds = seconds
+    event.status = "done"
+    event.message = report_summary(plan, saved, seconds)
+    host.send_text(node_id, f"done in {host.human_seconds(seconds)}" + (f": {host.rel_to_output(saved)}" if saved else ""))
+    return (model, clip, vae, report)
 
 
 def report_summary(plan, saved, seconds) -> str:
@@ -194,7 +228,8 @@ def format_report(plan, prep, result, title, header_lines, notes, saved, seconds
         lines.append(f"tensor-data SHA-256 (modelspec.hash_sha256, AutoV3 {result.tensor_sha256[:12]}): {result.tensor_sha256}")
     rate = prep.output_bytes / seconds / 1e6 if seconds > 0 else 0
     lines.append(f"time: {host.human_seconds(seconds)} ({rate:.0f} MB/s of output)")
-    for n in list(prep.notes) + list(notes):
+    run_notes = [n for n in result.notes if n not in prep.notes]  # what the run itself found (nonfinite warn/clamp)
+    for n in list(prep.notes) + run_notes + list(notes):
         lines.append(f"note: {n}")
     return "\n".join(lines)
 
@@ -225,14 +260,16 @@ class WeightedMerge:
         return validate_prefix(filename_prefix)
 
     def merge(self, manifest, device, dtype, output_mode, filename_prefix, unique_id=None):
-        if manifest is None:
-            raise ManifestError("no manifest connected")
-        check_manifest_paths(manifest)
-        plan = plan_from_manifest(manifest, device=device, dtype=dtype)
-        return run_plan(
-            plan,
-            node_id=unique_id,
-            output_mode=output_mode,
-            filename_prefix=filename_prefix,
-            title=f"Model Merger: weighted merge of {len(plan.inputs)} models",
-        )
+        with MergeEvent("Model Merger: weighted merge", unique_id) as ev:
+            if manifest is None:
+                raise ManifestError("no manifest connected")
+            check_manifest_paths(manifest)
+            plan = plan_from_manifest(manifest, device=device, dtype=dtype)
+            return run_plan(
+                plan,
+                node_id=unique_id,
+                output_mode=output_mode,
+                filename_prefix=filename_prefix,
+                title=f"Model Merger: weighted merge of {len(plan.inputs)} models",
+                event=ev,
+            )

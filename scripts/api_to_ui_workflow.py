@@ -18,7 +18,15 @@ import urllib.request
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COL_W, GAP_X, GAP_Y = 360, 60, 40
+COL_W, GAP_X = 360, 60
+# The frontend draws a node's title (30 units) above its pos, and its source badge ("model_merger") above the
+# title: a stacked node needs this much room above it, or its badge covers the node above.
+GAP_Y = 80
+TOP = 80
+# At the stored zoom (0.8) a 1600 px window shows about 1900 units of canvas beside the sidebar: wider graphs have
+# their last columns folded under the column before them, so nothing is off-screen and the thumbnail is readable.
+MAX_RIGHT = 1860
+SCALE = 0.8
 
 NOTES = {
     "merge_to_graph_and_preview.json": (
@@ -40,6 +48,11 @@ NOTES = {
         "The merged file is written to output/checkpoints/merged_00001_.safetensors, where the checkpoint "
         "loaders find it."
     ),
+    "merge_rows_to_disk.json": (
+        "One node, one row per model: Merge Models lists checkpoints with a weight and an on/off switch each; "
+        "'+ Add model' adds a row, the switch leaves a row out without losing it. Weights are relative. "
+        "The merged file goes to output/checkpoints/rows_merged_00001_.safetensors."
+    ),
     "build_manifest_and_merge.json": (
         "Build a manifest in the graph: one Add Model To Manifest per checkpoint, chained, each with its weight "
         "(weight 0 removes a model). Save Manifest stores it in models/model_merger for Load Manifest and the "
@@ -59,6 +72,21 @@ def load_object_info(src: str) -> dict:
 def is_widget(spec) -> bool:
     typ = spec[0]
     return isinstance(typ, list) or typ in WIDGET_TYPES
+
+
+def control_widgets(name: str, spec) -> int:
+    """How many widgets the frontend (1.27) adds after this input's own: a "control after generate" combo after an
+    INT whose spec has ``control_after_generate`` or, when the spec does not say, that is named ``seed`` or
+    ``noise_seed``; a combo with ``control_after_generate`` also gets a filter text widget."""
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    control = opts.get("control_after_generate")
+    if spec[0] == "INT":
+        if control is None:
+            control = name in ("seed", "noise_seed")
+        return 1 if control else 0
+    if isinstance(spec[0], list) and control:
+        return 2
+    return 0
 
 
 def ordered_inputs(info: dict):
@@ -105,13 +133,21 @@ def convert(api: dict, object_info: dict, note: str | None = None) -> dict:
                 n_widgets += 1
                 if len(spec) > 1 and spec[1].get("multiline"):
                     multiline += 1
-                if len(spec) > 1 and spec[1].get("control_after_generate"):
-                    widgets.append("fixed")
+                extra = control_widgets(name, spec)
+                if extra:
+                    widgets.append("fixed")  # templates never change a seed by themselves
+                if extra > 1:
+                    widgets.append("")
             else:
                 typ = spec[0]
                 inputs.append({"name": name, "type": typ, "link": None, "_src": value})
         ui_inputs[nid] = inputs
         n_out = len(info["output"])
+        if node["class_type"] == "ModelMergerMergeModels":  # web/js/rows.js: 4 widgets a row, the add button
+            try:
+                n_widgets += 4 * len(json.loads(node["inputs"].get("models") or "[]")) + 1 - 1  # models is hidden
+            except ValueError:
+                pass
         h = 46 + 22 * max(len(inputs), n_out) + 26 * n_widgets + 90 * multiline
         w = 340
         if node["class_type"] == "PreviewAny":
@@ -133,20 +169,32 @@ def convert(api: dict, object_info: dict, note: str | None = None) -> dict:
                     inp["type"] = typ
                 out_links.setdefault((up, up_slot), []).append(link_id)
     columns: dict = {}
-    col_w: dict = {}
-    for nid in nodes_api:
-        col_w[depth[nid]] = max(col_w.get(depth[nid], 0), sizes[nid][0])
-    col_x = {}
-    x = 60
-    for c in sorted(col_w):
-        col_x[c] = x
-        x += col_w[c] + GAP_X
     order = sorted(nodes_api, key=lambda n: (depth[n], int(n)))
+    column = dict(depth)
+
+    def layout_columns():
+        col_w: dict = {}
+        for nid in nodes_api:
+            col_w[column[nid]] = max(col_w.get(column[nid], 0), sizes[nid][0])
+        col_x, x = {}, 60
+        for c in sorted(col_w):
+            col_x[c] = x
+            x += col_w[c] + GAP_X
+        return col_x, x - GAP_X
+
+    col_x, right = layout_columns()
+    while right > MAX_RIGHT and len(col_x) > 1:  # fold the last column under the one before it
+        last = max(col_x)
+        prev = max(c for c in col_x if c < last)
+        for nid in nodes_api:
+            if column[nid] == last:
+                column[nid] = prev
+        col_x, right = layout_columns()
     for i, nid in enumerate(order):
         node = nodes_api[nid]
         info = object_info[node["class_type"]]
-        col = depth[nid]
-        y = columns.get(col, 60)
+        col = column[nid]
+        y = columns.get(col, TOP)
         columns[col] = y + sizes[nid][1] + GAP_Y
         outputs = []
         for slot, (typ, name) in enumerate(zip(info["output"], info["output_name"])):
@@ -172,7 +220,7 @@ def convert(api: dict, object_info: dict, note: str | None = None) -> dict:
     if note:
         last_id += 1
         nodes.append({
-            "id": last_id, "type": "Note", "pos": [60, max(columns.get(0, 60), 60) + 10], "size": [340, 220],
+            "id": last_id, "type": "Note", "pos": [60, max(columns.get(0, TOP), TOP)], "size": [340, 220],
             "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
             "properties": {}, "widgets_values": [note], "color": "#432", "bgcolor": "#653",
         })
@@ -183,7 +231,7 @@ def convert(api: dict, object_info: dict, note: str | None = None) -> dict:
         "links": links,
         "groups": [],
         "config": {},
-        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+        "extra": {"ds": {"scale": SCALE, "offset": [0, 0]}},
         "version": 0.4,
     }
 

@@ -8,7 +8,7 @@
 Chromium is started with a fresh profile and a DevTools port; the page is driven through the DevTools protocol
 (needs aiohttp): the workflow is loaded with ``app.loadGraphData``, widgets can be changed, ``--run`` queues it from
 the page (so the page shows progress, outputs and the toast) and waits for the queue to empty, then the view is
-fitted and a PNG is captured.
+fitted and a PNG (or a JPEG, for an ``--out`` ending in .jpg: the template thumbnails) is captured.
 """
 
 from __future__ import annotations
@@ -129,18 +129,25 @@ async def drive(args, devtools_port):
                 print("run:", [h["status"]["status_str"] for h in new])
                 await asyncio.sleep(args.settle)
             scale = await page.js(
-                "(() => { const ds = app.canvas.ds; const nodes = app.graph._nodes; const el = app.canvas.canvas; "
+                f"(() => {{ const top = {0 if args.canvas_only else args.top_margin}; "
+                "const ds = app.canvas.ds; const nodes = app.graph._nodes; const el = app.canvas.canvas; "
                 "const W = el.clientWidth, H = el.clientHeight; "
                 "let x0 = 1e9, y0 = 1e9, x1 = -1e9, y1 = -1e9; "
                 "for (const n of nodes) { x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - 30); "
                 "x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]); } "
-                "const pad = 20; const s = Math.min((W - 2 * pad) / (x1 - x0), (H - 2 * pad) / (y1 - y0)); "
-                "ds.scale = s; ds.offset[0] = (W - s * (x1 - x0)) / 2 / s - x0; ds.offset[1] = pad / s - y0; "
+                "const pad = 20; const s = Math.min((W - 2 * pad) / (x1 - x0), (H - top - 2 * pad) / (y1 - y0)); "
+                "ds.scale = s; ds.offset[0] = (W - s * (x1 - x0)) / 2 / s - x0; ds.offset[1] = (top + pad) / s - y0; "
                 "app.canvas.setDirty(true, true); app.canvas.draw(true, true); return s; })()"
             )
             print(f"zoom {scale:.2f}")
             await asyncio.sleep(1.0)
-            shot = await page.send("Page.captureScreenshot", format="png")
+            fmt = "jpeg" if args.out.lower().endswith((".jpg", ".jpeg")) else "png"
+            kw = {"quality": 85} if fmt == "jpeg" else {}
+            if args.canvas_only:  # the graph without the page's bars (template thumbnails)
+                r = await page.js("(() => { const b = app.canvas.canvas.getBoundingClientRect(); "
+                                  "return [b.left, b.top, b.width, b.height]; })()")
+                kw["clip"] = {"x": r[0], "y": r[1], "width": r[2], "height": r[3], "scale": args.scale}
+            shot = await page.send("Page.captureScreenshot", format=fmt, **kw)
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "wb") as f:
                 f.write(base64.b64decode(shot["data"]))
@@ -154,7 +161,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--width", type=int, default=1920)
     p.add_argument("--height", type=int, default=1080)
-    p.add_argument("--top-margin", type=int, default=40, help="pixels of the page's top bar to keep clear")
+    p.add_argument("--top-margin", type=int, default=80, help="pixels of the page's top bar to keep clear")
+    p.add_argument("--canvas-only", action="store_true", help="capture the canvas only (no sidebar, no top bar)")
+    p.add_argument("--scale", type=float, default=1.0, help="scale of the capture (with --canvas-only)")
     p.add_argument("--widget", action="append", metavar="NODE.NAME=VALUE", help="set a widget after loading")
     p.add_argument("--run", action="store_true", help="queue the workflow from the page and wait for it")
     p.add_argument("--run-timeout", type=float, default=1800)

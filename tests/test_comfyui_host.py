@@ -236,3 +236,120 @@ def test_cross_merge_to_graph_then_ksampler_writes_an_image(server):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     report = entry["outputs"]["10"]["text"][0]
     assert "base: model_a.safetensors (given)" in report and "ties" in report
+
+
+def test_core_node_schemas_snapshot_matches_the_server(server):
+    """test_template_widgets.py checks templates against support/core_object_info.json without ComfyUI: it must
+    hold what this ComfyUI says (checkpoint lists aside)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "support", "core_object_info.json")) as f:
+        snap = json.load(f)
+    info = server.object_info()
+    for node_id, entry in snap.items():
+        if node_id.startswith("_"):
+            continue
+        live = json.loads(json.dumps(info[node_id]))
+        if node_id == "CheckpointLoaderSimple":
+            live["input"]["required"]["ckpt_name"][0] = []
+        assert live["input"] == entry["input"] and live.get("input_order") == entry.get("input_order"), node_id
+
+
+def _swap_link(server, name, target):
+    link = os.path.join(server.base, "models", "checkpoints", name)
+    if os.path.lexists(link):
+        os.unlink(link)
+    os.symlink(target, link)
+
+
+def _merged_files(server, prefix):
+    return sorted(glob.glob(out_dir(server, "checkpoints", prefix + "_*.safetensors")))
+
+
+def _cached(entry):
+    nodes = set()
+    for m in cs.messages(entry, "execution_cached"):
+        nodes.update(str(n) for n in m.get("nodes", []))
+    return nodes
+
+
+@pytest.mark.parametrize("kind", ["weighted", "train", "cross"])
+def test_same_prompt_merges_once_and_a_replaced_file_merges_again(server, kind):
+    """Queue the same prompt twice: one merge (the node is cached). Replace an input file in place (same name,
+    another file): the next identical prompt merges again."""
+    files = comfy_fixtures.ensure_checkpoints(count=4)
+    _swap_link(server, "swap_x.safetensors", files[2])
+    prefix = f"cache_{kind}"
+    if kind == "weighted":
+        wf = {"1": {"class_type": "ModelMergerAddModel", "inputs": {"ckpt_name": "model_a.safetensors", "weight": 1.0}},
+              "2": {"class_type": "ModelMergerAddModel",
+                    "inputs": {"ckpt_name": "swap_x.safetensors", "weight": 1.0, "manifest": ["1", 0]}},
+              "3": {"class_type": "ModelMergerWeightedMerge",
+                    "inputs": {"manifest": ["2", 0], "device": "cpu", "dtype": "fp16", "output_mode": "disk",
+                               "filename_prefix": f"checkpoints/{prefix}"}}}
+    elif kind == "train":
+        wf = {"3": {"class_type": "ModelMergerTrainDifference",
+                    "inputs": {"model_a": "model_a.safetensors", "model_b": "model_b.safetensors",
+                               "model_c": "swap_x.safetensors", "alpha": 1.0, "alpha_blocks": "", "device": "cpu",
+                               "dtype": "fp16", "output_mode": "disk", "filename_prefix": f"checkpoints/{prefix}"}}}
+    else:
+        wf = {"1": {"class_type": "ModelMergerAddModel", "inputs": {"ckpt_name": "model_b.safetensors", "weight": 1.0}},
+              "3": {"class_type": "ModelMergerCrossArchMerge",
+                    "inputs": {"manifest": ["1", 0], "base": "checkpoints/swap_x.safetensors", "combine": "sum",
+                               "scale": 1.0, "density": 0.2, "drop": 0.5, "text_encoder": "delta", "vae": "base",
+                               "scale_blocks": "", "seed": 0, "device": "cpu", "dtype": "fp16", "output_mode": "disk",
+                               "filename_prefix": f"checkpoints/{prefix}"}}}
+    first = server.run(wf)
+    assert first["status"]["status_str"] == "success", first["status"]
+    assert len(_merged_files(server, prefix)) == 1
+    again = server.run(wf)
+    assert again["status"]["status_str"] == "success", again["status"]
+    assert "3" in _cached(again) and len(_merged_files(server, prefix)) == 1, "the same prompt merged twice"
+    _swap_link(server, "swap_x.safetensors", files[3])  # replaced in place: same name, another file
+    third = server.run(wf)
+    assert third["status"]["status_str"] == "success", third["status"]
+    assert "3" not in _cached(third) and len(_merged_files(server, prefix)) == 2, "a replaced input gave the old merge"
+    for f in _merged_files(server, prefix):
+        os.unlink(f)
+
+
+def test_missing_requirements_message_in_a_real_comfyui(tmp_path):
+    """ComfyUI's Python without jsonschema (hidden by a sitecustomize on PYTHONPATH): the pack loads, logs one line
+    with the install command, and a merge fails with that message (a node error, no traceback text)."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['jsonschema'] = None\n")
+    files = comfy_fixtures.ensure_checkpoints(count=2)
+    base = cs.make_base(str(tmp_path / "base"), {"model_a.safetensors": files[0], "model_b.safetensors": files[1]})
+    srv = cs.ComfyServer(base, extra_env={"PYTHONPATH": str(hide)}).start()
+    try:
+        log = srv.log()
+        assert "IMPORT FAILED" not in log, log[-3000:]
+        lines = [l for l in log.splitlines() if "jsonschema" in l]
+        assert len(lines) == 1 and "-m pip install -r" in lines[0] and "requirements.txt" in lines[0], lines
+        entry = srv.run({
+            "1": {"class_type": "ModelMergerAddModel", "inputs": {"ckpt_name": "model_a.safetensors", "weight": 1.0}},
+            "2": {"class_type": "ModelMergerWeightedMerge",
+                  "inputs": {"manifest": ["1", 0], "device": "cpu", "dtype": "fp16", "output_mode": "disk",
+                             "filename_prefix": "checkpoints/x"}}})
+        errors = cs.messages(entry, "execution_error")
+        assert errors and "-m pip install -r" in errors[0]["exception_message"], errors
+        assert "jsonschema" in errors[0]["exception_message"]
+    finally:
+        srv.stop()
+
+
+def test_rows_node_api_twin_with_the_headless_runner(server):
+    """Merge Models' rows travel in the API prompt as the models JSON string: the API twin runs headless."""
+    import subprocess
+    import sys
+
+    script = os.path.join(cs.SCRIPTS, "run_headless.py")
+    api = os.path.join(cs.PACK_ROOT, "example_workflows", "api", "merge_rows_to_disk.json")
+    r = subprocess.run([sys.executable, script, api, "--server", server.url, "--set",
+                        "1.filename_prefix=checkpoints/rows_headless"], capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert os.path.exists(out_dir(server, "checkpoints", "rows_headless_00001_.safetensors"))
+    assert "merge of 2 models (rows)" in r.stdout, r.stdout[-3000:]
+    bad = '[{"ckpt": "model_a.safetensors", "weight": 1, "on": true}, {"ckpt": "nope.safetensors", "weight": 1}]'
+    r = subprocess.run([sys.executable, script, api, "--server", server.url, "--set", f"1.models={json.dumps(bad)}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "row 2: checkpoint 'nope.safetensors'" in r.stderr, r.stdout + r.stderr

@@ -439,3 +439,21 @@ def test_browser_logic_is_served_from_the_web_directory(comfy):
     with open(os.path.join(web, "model_merger.js"), encoding="utf-8") as f:
         assert 'from "./logic/toast.mjs"' in f.read()
     assert not any("model_merger" in r for r in host.routes)
+
+
+def test_notes_of_the_run_reach_the_node_report(comfy, ckpts):
+    """nonfinite "warn" (from the manifest) writes the values and says so: the report shows the run's notes."""
+    import dataclasses
+
+    from safetensors.torch import load_file, save_file
+
+    host, pack = comfy
+    key = "model.diffusion_model.out.2.bias"
+    t = load_file(ckpts[1])
+    t[key][0] = float("inf")
+    save_file(t, ckpts[1])
+    m = dataclasses.replace(_manifest(pack, ckpts, [1.0, 1.0, 1.0]), nonfinite="warn")
+    node = nodes_of(pack)["ModelMergerWeightedMerge"]()
+    *_, report = node.merge(m, "cpu", "fp16", "disk", "checkpoints/warned", unique_id="4")
+    assert "nonfinite warn" in report and key in report, report
+

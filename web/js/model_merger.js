@@ -1,9 +1,11 @@
-// Model Merger browser extension (thin): pack settings and a toast when a merge ends.
+// Model Merger browser extension (thin): pack settings, a toast when a merge ends, fixed seed controls.
 // The logic lives in ./logic/toast.mjs (tested with node --test); ComfyUI serves everything under WEB_DIRECTORY
 // and auto-loads only the .js files, so the .mjs helpers are imported from here.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import * as logic from "./logic/toast.mjs";
+import * as widgets from "./logic/widgets.mjs";
+import { SETTINGS } from "./logic/settings.mjs";
 
 function readSetting(id, fallback) {
   try {
@@ -22,25 +24,14 @@ function showToast(t) {
 
 app.registerExtension({
   name: "ModelMerger.Notify",
-  settings: [
-    {
-      id: "ModelMerger.Notify.Mode",
-      category: ["Model Merger", "Notifications", "Mode"],
-      name: "Show a notification when a merge ends",
-      type: "combo",
-      options: ["long runs only", "always", "off"],
-      defaultValue: "long runs only",
-      tooltip: "'long runs only' shows it for merges that took at least the number of seconds below.",
-    },
-    {
-      id: "ModelMerger.Notify.MinSeconds",
-      category: ["Model Merger", "Notifications", "MinSeconds"],
-      name: "Minimum merge duration for a notification (seconds)",
-      type: "number",
-      defaultValue: 30,
-      attrs: { min: 0, step: 1 },
-    },
-  ],
+  settings: SETTINGS,
+  nodeCreated(node) {
+    try {
+      widgets.fixSeedControls(node);
+    } catch (err) {
+      console.warn("[Model Merger] could not set the seed control", err);
+    }
+  },
   async setup() {
     api.addEventListener("model_merger.done", async (e) => {
       try {

@@ -1,0 +1,213 @@
+"""Every example workflow in the real frontend: headless Chromium over the DevTools protocol, a real ComfyUI.
+
+Needs ``COMFYUI_DIR`` (and ``COMFYUI_PYTHON``) and a Chromium (``chromium`` on PATH or ``CHROMIUM``); skipped
+otherwise. For each template it checks what a user would see after dragging it onto the canvas: every node type
+exists (no "missing nodes"), every widget shows the value the API twin gives that input (a template storing one
+value too few puts ``fp16`` on ``device``), the prompt the page builds equals the API twin, and no console error or
+exception comes from this pack's files. Then it queues the template from the page, as shipped except for a small
+render (64 x 64, one step, to keep CPU time short), and checks that it succeeds, that queueing it again runs
+nothing (the seed controls are fixed: the same prompt merges once), and that a new node's seed control is fixed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import os
+import time
+
+import pytest
+
+import browser as br
+import comfy_fixtures
+import comfy_server as cs
+
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.slow,
+    pytest.mark.skipif(cs.comfyui_dir() is None, reason="COMFYUI_DIR is not set to a ComfyUI checkout"),
+    pytest.mark.skipif(br.chromium_path() is None, reason="no Chromium on this machine (apt-get install chromium)"),
+]
+
+ROOT = os.path.join(cs.PACK_ROOT, "example_workflows")
+TEMPLATES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.json")))
+NAMES = ["model_a.safetensors", "model_b.safetensors", "model_c.safetensors", "model_d.safetensors"]
+SMALL_RENDER = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 1}}
+PACK_URL = f"/extensions/{cs.PACK_DIR_NAME}/"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    files = comfy_fixtures.ensure_checkpoints(count=4)
+    links = {n: f for n, f in zip(NAMES, files)}
+    links.update({f"to_merge/{n}": f for n, f in zip(NAMES, files)})
+    base = cs.make_base(str(tmp_path_factory.mktemp("comfy_browser")), links)
+    srv = cs.ComfyServer(base).start()
+    br.prepare_server_settings(srv.url)
+    yield srv
+    srv.stop()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+STATE_JS = """(() => app.graph._nodes.map(n => ({
+  id: n.id, type: n.type, registered: !!LiteGraph.registered_node_types[n.type],
+  widgets: (n.widgets || []).map(w => ({name: w.name, value: w.value, values: Array.isArray(w.options?.values) ? w.options.values : null})),
+})))()"""
+
+
+async def _history_ids(url):
+    return set(br.http_json(f"{url}/history?max_items=10000"))
+
+
+async def _queue_from_page(page, url, timeout=1500):
+    before = await _history_ids(url)
+    await page.js("app.queuePrompt(0, 1).then(() => true)")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        q = br.http_json(f"{url}/queue")
+        new = (await _history_ids(url)) - before
+        if new and not q["queue_running"] and not q["queue_pending"]:
+            hist = br.http_json(f"{url}/history/{next(iter(new))}")
+            return next(iter(hist.values()))
+        await asyncio.sleep(0.5)
+    raise TimeoutError("the queued template did not finish")
+
+
+def pack_errors(page):
+    return [c for c in page.console if PACK_URL in c.get("url", "") or PACK_URL in c.get("text", "")
+            or "[Model Merger]" in c.get("text", "")]
+
+
+async def check_template(server, name):
+    with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+        ui = json.load(f)
+    with open(os.path.join(ROOT, "api", name), encoding="utf-8") as f:
+        api = json.load(f)
+    async with br.Browser(server.url, 1600, 900) as page:
+        await page.js(f"app.loadGraphData({json.dumps(ui)}).then(() => true)")
+        await asyncio.sleep(1.0)
+        nodes = {str(n["id"]): n for n in await page.js(STATE_JS)}
+        # every node is there and known (a missing node type gets a placeholder that is not registered)
+        for n in ui["nodes"]:
+            got = nodes.get(str(n["id"]))
+            assert got and got["type"] == n["type"], f"{name}: node {n['id']} ({n['type']}) is missing"
+            assert got["registered"], f"{name}: node type {n['type']} is missing in the frontend"
+        # every widget shows the API twin's value for its input; combos hold a value of their list
+        for nid, spec in api.items():
+            widgets = {w["name"]: w for w in nodes[nid]["widgets"]}
+            for inp, value in spec["inputs"].items():
+                if isinstance(value, list):
+                    continue
+                assert inp in widgets, f"{name}: node {nid} has no widget {inp}"
+                shown = widgets[inp]["value"]
+                assert shown == value, f"{name}: node {nid} widget {inp} shows {shown!r}, the template means {value!r}"
+            for w in nodes[nid]["widgets"]:
+                if w["values"] is not None:
+                    assert w["value"] in w["values"], f"{name}: node {nid} widget {w['name']}: {w['value']!r} not in its list"
+                if w["name"] == "control_after_generate":
+                    assert w["value"] == "fixed", f"{name}: node {nid}: the seed control is {w['value']!r}"
+        # the prompt the page builds is the API twin
+        built = await page.js("app.graphToPrompt().then(p => p.output)")
+        assert set(built) == set(api), f"{name}: the page builds nodes {sorted(built)}, the twin has {sorted(api)}"
+        for nid, spec in api.items():
+            assert built[nid]["class_type"] == spec["class_type"]
+            for inp, value in spec["inputs"].items():
+                got = built[nid]["inputs"].get(inp)
+                if isinstance(value, list):
+                    assert [str(got[0]), got[1]] == [str(value[0]), value[1]], f"{name}: node {nid} input {inp}"
+                else:
+                    assert got == value, f"{name}: node {nid} input {inp}: page {got!r}, twin {value!r}"
+        # a small render, then queue it as the page would
+        for nid, spec in api.items():
+            for inp, value in SMALL_RENDER.get(spec["class_type"], {}).items():
+                await page.js(f"(() => {{ const w = app.graph.getNodeById({nid}).widgets.find(w => w.name === "
+                              f"{json.dumps(inp)}); w.value = {json.dumps(value)}; return true; }})()")
+        entry = await _queue_from_page(page, server.url)
+        assert entry["status"]["status_str"] == "success", f"{name}: {json.dumps(entry['status'])[:3000]}"
+        # the same prompt again: nothing runs (no seed changed after the run)
+        again = await _queue_from_page(page, server.url)
+        assert again["status"]["status_str"] == "success"
+        ran = [m for m in cs.messages(again, "execution_start")]
+        cached = set()
+        for m in cs.messages(again, "execution_cached"):
+            cached.update(str(x) for x in m.get("nodes", []))
+        merging = [nid for nid, s in api.items() if s["class_type"].startswith("ModelMerger")]
+        assert set(merging) <= cached, f"{name}: queued twice, merge nodes {sorted(set(merging) - cached)} ran again"
+        assert ran is not None
+        errors = pack_errors(page)
+        assert not errors, f"{name}: console errors from the pack: {errors}"
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_template_loads_right_and_runs_as_shipped(server, name):
+    run(check_template(server, name))
+
+
+async def _new_nodes(server):
+    async with br.Browser(server.url, 1600, 900) as page:
+        await page.js("app.graph.clear(); true")
+        got = await page.js("""(() => {
+          const n = LiteGraph.createNode('ModelMergerCrossArchMerge'); app.graph.add(n);
+          const k = LiteGraph.createNode('KSampler'); app.graph.add(k);
+          const ctl = x => x.widgets.find(w => w.name === 'control_after_generate')?.value;
+          return {cross: ctl(n), ksampler: ctl(k)};
+        })()""")
+        assert got["cross"] == "fixed", got  # a new Cross-Arch Merge does not re-merge on every run
+        assert got["ksampler"] == "randomize", got  # other nodes keep the frontend's default
+        assert not pack_errors(page), pack_errors(page)
+
+
+def test_new_node_seed_control_is_fixed(server):
+    run(_new_nodes(server))
+
+
+ROWS_JS = "(id => app.graph.getNodeById(id).widgets.filter(w => /^model \\d+$/.test(w.name)).map(w => w.value))"
+TRACKER = "app.extensionManager.workflow.activeWorkflow.changeTracker"
+
+
+async def _rows_node(server):
+    with open(os.path.join(ROOT, "merge_rows_to_disk.json"), encoding="utf-8") as f:
+        ui = json.load(f)
+    async with br.Browser(server.url, 1600, 900) as page:
+        await page.js(f"app.loadGraphData({json.dumps(ui)}).then(() => true)")
+        await asyncio.sleep(0.5)
+        three = ["model_a.safetensors", "model_b.safetensors", "model_c.safetensors"]
+        assert await page.js(ROWS_JS + "(1)") == three
+        await page.js(f"{TRACKER}.checkState(); true")
+        await page.js("(() => { app.graph.getNodeById(1).widgets.find(w => w.name === '+ Add model').callback(); "
+                      "return true; })()")
+        await page.js(f"{TRACKER}.checkState(); true")
+        four = await page.js(ROWS_JS + "(1)")
+        assert len(four) == 4 and four[:3] == three and four[3] not in three  # the next checkpoint not listed yet
+        models = json.loads(await page.js("app.graphToPrompt().then(p => p.output['1'].inputs.models)"))
+        assert [r["ckpt"] for r in models] == four and models[3] == {"ckpt": four[3], "weight": 1, "on": True}
+        saved = await page.js("app.graph.getNodeById(1).serialize().widgets_values")
+        assert len(saved) == 6 and json.loads(saved[0]) == models  # the rows are one value, not 17
+        # undo and redo
+        await page.js(f"{TRACKER}.undo().then(() => true)")
+        await asyncio.sleep(0.3)
+        assert await page.js(ROWS_JS + "(1)") == three
+        await page.js(f"{TRACKER}.redo().then(() => true)")
+        await asyncio.sleep(0.3)
+        assert await page.js(ROWS_JS + "(1)") == four
+        # copy and paste
+        await page.js("(() => { const n = app.graph.getNodeById(1); app.canvas.deselectAll(); app.canvas.select(n); "
+                      "app.canvas.copyToClipboard(); app.canvas.pasteFromClipboard(); return true; })()")
+        await asyncio.sleep(0.3)
+        ids = await page.js("app.graph._nodes.filter(n => n.type === 'ModelMergerMergeModels').map(n => n.id)")
+        assert len(ids) == 2 and await page.js(ROWS_JS + f"({ids[1]})") == four
+        # reload
+        await page.js("(async () => { const d = app.graph.serialize(); app.graph.clear(); await app.loadGraphData(d); "
+                      "return true; })()")
+        await asyncio.sleep(0.3)
+        for nid in ids:
+            assert await page.js(ROWS_JS + f"({nid})") == four
+        assert not pack_errors(page), pack_errors(page)
+
+
+def test_rows_node_survives_reload_copy_paste_and_undo(server):
+    run(_rows_node(server))
