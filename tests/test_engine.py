@@ -284,3 +284,28 @@ def test_cuda_matches_cpu(make_models, out_dir):
     weights = [0.4, 0.3, 0.2, 0.1]
     merge_to_file(helpers.plan_for(paths, weights, device="cuda"), out_dir / "gpu.safetensors")
     check(out_dir / "gpu.safetensors", paths, weights)
+
+
+# ------------------------------------------------------------------------------------------------- merge workers
+
+
+@pytest.mark.parametrize("method, params, base", [
+    ("weighted_sum", {}, False), ("add_difference", {"alpha": 0.7}, False), ("train_difference", {"alpha": 0.7}, False),
+    ("task_arithmetic", {"scale": 0.8}, True), ("ties", {"density": 0.3}, True), ("dare", {"drop": 0.4}, True),
+    ("slerp", {"t": 0.3}, False),
+])
+def test_output_bytes_and_hash_are_the_same_for_every_number_of_workers(tmp_path, method, params, base):
+    """K merge workers compute fixed slices: K = 1, 2, 4, 8 give the same bytes and modelspec.hash_sha256."""
+    from merger_core.methods import get_method
+
+    n = get_method(method).max_inputs or 3
+    extra = {"model.diffusion_model.big.weight": ("F16", (1300, 1031))}  # several chunks and odd slice ends
+    paths = [helpers.write_model(tmp_path / f"m{i}.safetensors", seed=i + 1, extra=extra) for i in range(min(n, 3))]
+    shas = set()
+    for k in (1, 2, 4, 8):
+        (tmp_path / f"k{k}").mkdir()
+        out = tmp_path / f"k{k}" / "out.safetensors"  # same name: the title in the metadata is the same
+        plan = helpers.plan_for(paths, method=method, params=params, threads=k, seed=5)
+        res = merge_to_file(plan, out)
+        shas.add((res.tensor_sha256, helpers.sha256_file(out)))
+    assert len(shas) == 1, shas

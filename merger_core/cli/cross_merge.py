@@ -50,6 +50,9 @@ def add_arguments(p) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="check and print the plan; read no weights, write nothing")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=0, metavar="K",
+                   help="merge workers on the CPU (default: $MODEL_MERGER_THREADS, else every CPU this process may use); "
+                        "the output is the same for every K")
 
 
 def request_from_args(args) -> CrossMergeRequest:
@@ -82,6 +85,7 @@ def run(args) -> int:
     if not args.dry_run and not args.output:
         raise ManifestError("cross-merge needs -o OUTPUT (or --dry-run)")
     cp = plan_cross_merge(request_from_args(args))
+    cp.plan.threads = max(0, getattr(args, "threads", 0))
     prep = prepare(cp.plan)
     print(cp.describe(), file=sys.stderr)
     if args.dry_run:

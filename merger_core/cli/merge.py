@@ -40,6 +40,9 @@ def add_arguments(p) -> None:
     p.add_argument("--notify-after", type=float, default=DEFAULT_NOTIFY_AFTER, metavar="SECONDS",
                    help=f"only notify for runs at least this long (default: {DEFAULT_NOTIFY_AFTER:g})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=0, metavar="K",
+                   help="merge workers on the CPU (default: $MODEL_MERGER_THREADS, else every CPU this process may use); "
+                        "the output is the same for every K")
 
 
 def run(args) -> int:
@@ -64,6 +67,7 @@ def run(args) -> int:
         if args.nonfinite is not None:
             overrides["nonfinite"] = args.nonfinite
         plan = plan_from_manifest(manifest, **overrides)
+        plan.threads = max(0, args.threads)
         try:
             prep = prepare(plan)
         except IncompatibleModelsError as exc:

@@ -34,6 +34,9 @@ def add_arguments(p) -> None:
     p.add_argument("--title", default=None)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=0, metavar="K",
+                   help="merge workers on the CPU (default: $MODEL_MERGER_THREADS, else every CPU this process may use); "
+                        "the output is the same for every K")
 
 
 def run(args) -> int:
@@ -41,6 +44,7 @@ def run(args) -> int:
         args.method, args.a, args.b, args.c, args.alpha, args.alpha_blocks, dtype=args.dtype, device=args.device,
         title=args.title,
     )
+    plan.threads = max(0, getattr(args, "threads", 0))
     prep = prepare(plan)
     with ProgressBar("train-diff", enabled=not args.no_progress) as bar:
         with signals_of(args).polling():

@@ -24,7 +24,9 @@ Both entry points take a :class:`~merger_core.merge.plan.MergePlan` and report t
 from __future__ import annotations
 
 import math
+import dataclasses
 import os
+import threading
 import time
 import zlib
 from contextlib import ExitStack
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .. import methods as _methods
+from ..methods import _common
 from ..errors import BadFileError, ManifestError, MergeCancelled, ModelMergerError, NonFiniteError
 from ..io.reader import Prefetcher, Unmapper, open_inputs
 from ..io.safetensors import DTYPE_SIZES, FLOAT_DTYPES, MARKER_KEYS, dtype_label, torch_dtype
@@ -42,6 +45,7 @@ from .plan import KeyJob, MergePlan, PreparedMerge, prepare
 from .sinks import DictSink, FileSink
 
 CHUNK_ELEMENTS = 1 << 20  # fp32 accumulator chunk on the CPU: 4 MiB
+SLICE_ELEMENTS = 1 << 18  # what one merge worker computes at a time (fixed: the bytes never depend on the workers)
 NOTE_KEYS = 5  # keys named in a note about values that do not fit; the rest are counted
 
 
@@ -97,6 +101,9 @@ class _Runner:
         self._flagged_dtype: Dict[str, str] = {}
         self._limits: Dict[str, float] = {}
         C = CHUNK_ELEMENTS
+        self.pool = None  # the merge workers (CPU), started in run()
+        self._local = threading.local()
+        self._lock = threading.Lock()
         if self.on_cpu:
             self.acc = torch.empty(C, dtype=torch.float32)
             self.tmp = torch.empty(C, dtype=torch.float32)
@@ -139,10 +146,18 @@ class _Runner:
         t0 = time.monotonic()
         prefetch = Prefetcher([h.path for h in prep.headers], _read_ranges(prep))
         threads = self.torch.get_num_threads()
+        k = _common.workers() if not self.plan.threads else int(self.plan.threads)
+        limit = _common.use_workers(k)
+        limit.__enter__()
         if self.on_cpu:
-            # Chunks are small (4 MiB): intra-op threads only add barriers, and with a busy second core (the
-            # writer's hashing, another process) a 2-thread OpenMP region stalls. One thread is 2-9x faster here.
+            # Slices are small (1 MiB of fp32): intra-op threads only add barriers, and with a busy core (the
+            # writer's hashing, another process) an OpenMP region stalls. The K merge workers each run single-threaded
+            # ops on their own slices instead (torch releases the GIL inside its ops).
             self.torch.set_num_threads(1)
+            if k > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self.pool = ThreadPoolExecutor(max_workers=k, thread_name_prefix="model-merger-merge")
         try:
             for idx, job in enumerate(prep.jobs):
                 if self.cancel is not None and self.cancel():
@@ -167,6 +182,10 @@ class _Runner:
                     self.progress(ProgressInfo(idx + 1, total, done_bytes, bytes_total, job.name, time.monotonic() - t0))
         finally:
             prefetch.close()
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+                self.pool = None
+            limit.__exit__(None, None, None)
             self.torch.set_num_threads(threads)
 
     # -- emitting results --------------------------------------------------------------------------------------
@@ -183,8 +202,37 @@ class _Runner:
         for s in range(0, n, step):
             e = min(n, s + step)
             dst = self.sink.chunk((e - s) * item, out_dt)
-            produce(s, e, dst)
+            if self.pool is None or e - s <= SLICE_ELEMENTS:
+                produce(s, e, dst)
+            else:
+                self._parallel(produce, s, e, dst)
             self.sink.commit((e - s) * item)
+
+    def _parallel(self, produce, s: int, e: int, dst) -> None:
+        """``produce`` over fixed slices of ``s..e`` (boundaries at multiples of SLICE_ELEMENTS, whatever the number
+        of workers) on the merge workers; the chunk is complete when this returns."""
+        inference = self.torch.is_inference_mode_enabled()
+
+        def one(a, b):
+            with self.torch.inference_mode(inference):
+                produce(a, b, dst[a - s : b - s])
+
+        bounds = list(range(s, e, SLICE_ELEMENTS)) + [e]
+        futures = [self.pool.submit(one, a, b) for a, b in zip(bounds, bounds[1:])]
+        errors = [f.exception() for f in futures]
+        first = next((x for x in errors if x is not None), None)
+        if first is not None:
+            raise first
+
+    def scratch(self, n: int):
+        """Two fp32 buffers of ``n`` elements for the calling thread (each worker has its own)."""
+        if self.pool is None:
+            return self.acc[:n], self.tmp[:n]
+        loc = self._local
+        if getattr(loc, "acc", None) is None:
+            loc.acc = self.torch.empty(CHUNK_ELEMENTS, dtype=self.torch.float32)
+            loc.tmp = self.torch.empty(CHUNK_ELEMENTS, dtype=self.torch.float32)
+        return loc.acc[:n], loc.tmp[:n]
 
     def emit_host(self, job: KeyJob, flat_host) -> None:
         """Pass a finished 1-D CPU tensor of the output dtype to the sink in chunks."""
@@ -220,12 +268,11 @@ class _Runner:
         c0 = terms[0][1]
         if self.on_cpu:
             def produce(s, e, dst):
-                a = self.acc[: e - s]
+                a, t = self.scratch(e - s)
                 a.copy_(terms[0][0][s:e])
                 for x, c in terms[1:]:
                     xs = x[s:e]
                     if xs.dtype != torch.float32:
-                        t = self.tmp[: e - s]
                         t.copy_(xs)
                         xs = t
                     a.add_(xs, alpha=c / c0)
@@ -257,8 +304,8 @@ class _Runner:
         flats = [views[i].reshape(-1) for i in job.sources]
         if self.on_cpu and method.chunkable:
             def produce(s, e, dst):
-                ctx.offset = s
-                merged = method.merge_tensor([self.widen(i, f[s:e]) for i, f in zip(job.sources, flats)], weights, params, ctx)
+                here = dataclasses.replace(ctx, offset=s)  # one context per slice: workers run slices at once
+                merged = method.merge_tensor([self.widen(i, f[s:e]) for i, f in zip(job.sources, flats)], weights, params, here)
                 dst.copy_(self.guard(job, merged, s, views))
 
             self.emit_cpu(job, produce)
@@ -321,11 +368,12 @@ class _Runner:
             return values
         if self.nonfinite == "error":
             raise NonFiniteError(self._nonfinite_message(job, w, start, views, limit, nan, inf, beyond))
-        counts = self.flagged.setdefault(job.name, [0, 0, 0])
-        self._flagged_dtype[job.name] = job.out_dtype
-        counts[0] += nan
-        counts[1] += inf
-        counts[2] += beyond
+        with self._lock:  # workers may flag slices of one key at once
+            counts = self.flagged.setdefault(job.name, [0, 0, 0])
+            self._flagged_dtype[job.name] = job.out_dtype
+            counts[0] += nan
+            counts[1] += inf
+            counts[2] += beyond
         if self.nonfinite == "warn":
             return w
         return torch.nan_to_num(w, nan=0.0, posinf=limit, neginf=-limit).clamp_(-limit, limit)

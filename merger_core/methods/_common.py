@@ -20,12 +20,30 @@ def slices(n: int, size: int = SLICE) -> Iterator[Tuple[int, int]]:
 
 _POOL = None
 _POOL_SIZE = 0
+_OVERRIDE = [0]  # a merge's own thread count (MergePlan.threads), while it runs
+
+
+class use_workers:
+    """``with use_workers(k):`` slice work runs on ``k`` threads (0: the default below)."""
+
+    def __init__(self, k: int):
+        self.k, self.old = int(k or 0), 0
+
+    def __enter__(self):
+        self.old, _OVERRIDE[0] = _OVERRIDE[0], self.k
+        return self
+
+    def __exit__(self, *exc):
+        _OVERRIDE[0] = self.old
 
 
 def workers() -> int:
-    """Threads for slice work: ``$MODEL_MERGER_THREADS``, else the CPUs this process may run on. Independent of
-    torch's intra-op setting (the engine sets it to 1 on the CPU): slices are below torch's parallel grain size,
-    so each op runs on the thread that calls it, and the threads here do no spin-waiting."""
+    """Threads for slice work: the running merge's ``threads``, else ``$MODEL_MERGER_THREADS``, else the CPUs this
+    process may run on. Independent of torch's intra-op setting (the engine sets it to 1 on the CPU): slices are
+    below torch's parallel grain size, so each op runs on the thread that calls it, and the threads here do no
+    spin-waiting. Results never depend on it: slice boundaries are fixed."""
+    if _OVERRIDE[0] > 0:
+        return _OVERRIDE[0]
     env = os.environ.get("MODEL_MERGER_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
