@@ -87,7 +87,9 @@ class Signals:
 
     def __exit__(self, *exc) -> None:
         for signum, old in self._old.items():
-            signal.signal(signum, old)
+            # once stopped by a signal, the command is finishing: a late repeat must not turn its clean exit into
+            # a death by signal (KeyboardInterrupt at interpreter exit), so such signals are ignored from here on
+            signal.signal(signum, signal.SIG_IGN if self.signum is not None else old)
         self._old.clear()
 
 

@@ -70,7 +70,10 @@ def run_supervised(argv: Sequence[str], build_parser, child_cmd: Optional[List[s
                              preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None)
     old = {}
 
+    forwarded = set()
+
     def forward(signum, frame):
+        forwarded.add(signum)
         try:
             child.send_signal(signum)
         except ProcessLookupError:
@@ -89,6 +92,9 @@ def run_supervised(argv: Sequence[str], build_parser, child_cmd: Optional[List[s
     from ..io.writer import sweep_stale_partials
 
     removed = [p for target in _outputs(argv, build_parser) for p in sweep_stale_partials(target)]
+    if -rc in forwarded:  # the child stopped on a signal it was sent through us: the usual interruption
+        print(f"interrupted ({name}); no output was written", file=sys.stderr)
+        return 128 - rc
     what = CRASHES.get(name, f"the process stopped on {name}")
     print(f"error: {what}; no output was written"
           + (f" (removed its temporary file {', '.join(removed)})" if removed else ""), file=sys.stderr)
