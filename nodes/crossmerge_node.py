@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
+from ..merger_core.arch.blocks import blocks as block_names
 from ..merger_core.identity import bases as bases_mod
+from ..merger_core.merge import blockweights
 from ..merger_core.merge import cross as cm
 from ..merger_core.merge import train as trainmerge
 from ..merger_core.errors import ManifestError
@@ -63,6 +65,29 @@ def base_path(choice: str):
     return host.check_allowed(path, "base")
 
 
+# The architectures the block-weight editor offers (web/js/blocks.js): id in the block-map data, label shown.
+BLOCK_EDITOR_ARCHS = (("sd1", "SD1.5"), ("sdxl_base", "SDXL"))
+BLOCK_EDITOR_KEY = "model_merger_blocks"
+
+
+def block_editor_spec(default_arch: str = "sdxl_base") -> dict:
+    """What the browser's block-weight editor needs, sent inside the STRING input's spec (it reaches /object_info;
+    not a ComfyUI option): per architecture its block names from the block-map data, and every preset with its
+    description and its value per block, computed by the engine's own parser (so the sliders show what a merge
+    uses)."""
+    archs = []
+    for arch_id, label in BLOCK_EDITOR_ARCHS:
+        archs.append({"id": arch_id, "label": label, "blocks": block_names(arch_id)})
+    presets = {}
+    for name, doc in blockweights.presets().items():
+        values = {}
+        for a in archs:
+            table = blockweights.parse_blocks(name, a["id"])
+            values[a["id"]] = [table[b] for b in a["blocks"]]
+        presets[name] = {"doc": doc, "values": values}
+    return {"archs": archs, "presets": presets, "default_arch": default_arch}
+
+
 def component_choices(first: str):
     rest = [c for c in ("delta", "base") if c != first]
     return [first] + rest + [f"model:{k}" for k in range(1, MAX_MODEL_CHOICES + 1)]
@@ -93,9 +118,12 @@ class TrainDifference:
             }),
             "alpha_blocks": ("STRING", {
                 "default": "",
+                # block names and presets for the browser's per-block sliders (web/js/blocks.js)
+                BLOCK_EDITOR_KEY: block_editor_spec(),
                 "tooltip": "Optional per-block alpha: a preset name (e.g. GRAD_V), one value per block "
                            "(SD1: BASE,IN00..IN11,M00,OUT00..OUT11; SDXL: BASE,IN00..IN08,M00,OUT00..OUT08,VAE), "
-                           "or NAME=value pairs. Empty: alpha everywhere.",
+                           "or NAME=value pairs. Empty: alpha everywhere. The architecture, preset and "
+                           "slider widgets below it edit this text.",
             }),
         }
         req.update(common_inputs())
@@ -182,8 +210,10 @@ class CrossArchMerge:
             }),
             "scale_blocks": ("STRING", {
                 "default": "",
+                # block names and presets for the browser's per-block sliders (web/js/blocks.js)
+                BLOCK_EDITOR_KEY: block_editor_spec(),
                 "tooltip": "Optional per-block scale (preset, one value per block, or NAME=value pairs). Empty: "
-                           "scale everywhere.",
+                           "scale everywhere. The architecture, preset and slider widgets below it edit this text.",
             }),
             "seed": ("INT", {
                 "default": 0, "min": 0, "max": 2 ** 31 - 1, "control_after_generate": True,

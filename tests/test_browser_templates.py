@@ -211,3 +211,85 @@ async def _rows_node(server):
 
 def test_rows_node_survives_reload_copy_paste_and_undo(server):
     run(_rows_node(server))
+
+
+BLOCKS_STATE = """(id => { const n = app.graph.getNodeById(id); const ws = n.widgets;
+  const text = ws.find(w => w.name === 'scale_blocks');
+  return {text: text.value, textIndex: ws.indexOf(text), arch: ws.find(w => w.name === 'scale_blocks architecture')?.value,
+          preset: ws.find(w => w.name === 'scale_blocks preset')?.value, property: n.properties?.model_merger_block_arch ?? null,
+          sliders: ws.filter(w => w.type === 'slider' && w.name.startsWith('scale_blocks ')).map(w => [w.label, w.value]),
+          firstSlider: ws.findIndex(w => w.type === 'slider'), saved: n.serialize().widgets_values}; })"""
+
+
+def _widget_call(nid, name, value):
+    return (f"(() => {{ const w = app.graph.getNodeById({nid}).widgets.find(w => w.name === {json.dumps(name)}); "
+            f"w.value = {json.dumps(value)}; w.callback(w.value); return true; }})()")
+
+
+async def _block_editor(server):
+    with open(os.path.join(ROOT, "cross_merge_to_graph_and_preview.json"), encoding="utf-8") as f:
+        ui = json.load(f)
+    node = next(n for n in ui["nodes"] if n["type"] == "ModelMergerCrossArchMerge")
+    nid = node["id"]
+    spec = br.http_json(f"{server.url}/object_info/ModelMergerCrossArchMerge")["ModelMergerCrossArchMerge"]
+    blocks_spec = spec["input"]["required"]["scale_blocks"][1]["model_merger_blocks"]
+    archs = {a["id"]: a for a in blocks_spec["archs"]}
+    async with br.Browser(server.url, 1600, 900) as page:
+        await page.js(f"app.loadGraphData({json.dumps(ui)}).then(() => true)")
+        await asyncio.sleep(0.5)
+        st = await page.js(BLOCKS_STATE + f"({nid})")
+        # the editor sits right under the text, shows SDXL's 21 blocks, and nothing of it is saved
+        assert st["text"] == "" and st["arch"] == "SDXL" and st["preset"] == "(none)"
+        assert [b for b, _ in st["sliders"]] == archs["sdxl_base"]["blocks"]
+        assert st["firstSlider"] == st["textIndex"] + 3
+        assert st["saved"] == node["widgets_values"]
+        # a preset: the text is its name, the sliders show its values
+        await page.js(_widget_call(nid, "scale_blocks preset", "GRAD_V"))
+        st = await page.js(BLOCKS_STATE + f"({nid})")
+        assert st["text"] == "GRAD_V" and st["preset"] == "GRAD_V"
+        assert [v for _, v in st["sliders"]] == blocks_spec["presets"]["GRAD_V"]["values"]["sdxl_base"]
+        # a slider: one value per block, the moved one rounded to the slider's step
+        await page.js(_widget_call(nid, "scale_blocks M00", 0.9034))
+        st = await page.js(BLOCKS_STATE + f"({nid})")
+        values = st["text"].split(",")
+        assert len(values) == 21 and values[10] == "0.9" and st["preset"] == "(custom)"
+        grad = blocks_spec["presets"]["GRAD_V"]["values"]["sdxl_base"]
+        assert [float(v) for v in values[:10]] == pytest.approx(grad[:10], abs=1e-6)
+        built = await page.js(f"app.graphToPrompt().then(p => p.output['{nid}'].inputs)")
+        assert built["scale_blocks"] == st["text"]
+        assert not [k for k in built if k.startswith("scale_blocks ")]  # the editor is not in the prompt
+        saved = st["saved"]
+        assert len(saved) == len(node["widgets_values"]) and st["text"] in saved  # the text is; the sliders are not
+        # editing the text moves the sliders (the others show the global scale); text that does not parse leaves them
+        await page.js(_widget_call(nid, "scale_blocks", "IN00=0.1,OUT=0.4"))
+        st = await page.js(BLOCKS_STATE + f"({nid})")
+        sl = dict(st["sliders"])
+        assert sl["IN00"] == 0.1 and sl["OUT05"] == 0.4 and sl["M00"] == 1.0 and st["preset"] == "(custom)"
+        await page.js(_widget_call(nid, "scale_blocks", "IN00=0.1,OUT="))
+        assert dict((await page.js(BLOCKS_STATE + f"({nid})"))["sliders"]) == sl
+        # SD1.5: 26 sliders; a slider then writes NAME=value pairs for the blocks the text sets
+        await page.js(_widget_call(nid, "scale_blocks", "IN00=0.1"))
+        await page.js(_widget_call(nid, "scale_blocks architecture", "SD1.5"))
+        await page.js(_widget_call(nid, "scale_blocks OUT11", 0.5))
+        st = await page.js(BLOCKS_STATE + f"({nid})")
+        assert [b for b, _ in st["sliders"]] == archs["sd1"]["blocks"] and st["property"] == "sd1"
+        assert st["text"] == "IN00=0.1,OUT11=0.5"
+        assert (await page.js(f"app.graphToPrompt().then(p => p.output['{nid}'].inputs.scale_blocks)")) == st["text"]
+        # reload keeps the text, the architecture and the sliders
+        await page.js("(async () => { const d = app.graph.serialize(); app.graph.clear(); await app.loadGraphData(d); "
+                      "return true; })()")
+        await asyncio.sleep(0.3)
+        again = await page.js(BLOCKS_STATE + f"({nid})")
+        assert again["text"] == st["text"] and again["arch"] == "SD1.5" and again["sliders"] == st["sliders"]
+        assert again["saved"] == st["saved"]
+        # a new Train Difference gets the editor for alpha_blocks; its sliders fall back to alpha
+        got = await page.js("""(() => { const n = LiteGraph.createNode('ModelMergerTrainDifference'); app.graph.add(n);
+          return {sliders: n.widgets.filter(w => w.type === 'slider').map(w => w.value).length,
+                  names: n.widgets.map(w => w.name), saved: n.serialize().widgets_values.length}; })()""")
+        assert got["sliders"] == 21 and got["names"].index("alpha_blocks preset") == got["names"].index("alpha_blocks") + 2
+        assert got["saved"] == 9  # model_a, b, c, alpha, alpha_blocks, device, dtype, output_mode, filename_prefix
+        assert not pack_errors(page), pack_errors(page)
+
+
+def test_block_weight_editor_writes_the_text_the_cli_reads(server):
+    run(_block_editor(server))
