@@ -51,7 +51,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dry-run", action="store_true", help="check and print the plan; read no weights, write nothing")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=0, metavar="K",
-                   help="merge workers on the CPU (default: $MODEL_MERGER_THREADS, else every CPU this process may use); "
+                   help="merge workers on the CPU (default: $MODEL_MERGER_THREADS, else one less than the CPUs this process may use); "
                         "the output is the same for every K")
 
 

@@ -41,7 +41,7 @@ def add_arguments(p) -> None:
                    help=f"only notify for runs at least this long (default: {DEFAULT_NOTIFY_AFTER:g})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=0, metavar="K",
-                   help="merge workers on the CPU (default: $MODEL_MERGER_THREADS, else every CPU this process may use); "
+                   help="merge workers on the CPU (default: $MODEL_MERGER_THREADS, else one less than the CPUs this process may use); "
                         "the output is the same for every K")
 
 

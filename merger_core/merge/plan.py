@@ -77,7 +77,7 @@ class MergePlan:
     key_weights: Optional[Callable[[str], Optional[Sequence[float]]]] = None
     recipe: Dict[str, object] = field(default_factory=dict)  # extra recipe facts for the metadata
     # the inputs' headers where a planner (cross-merge) has read them already, in input order: read once per merge
-    threads: int = 0  # merge workers on the CPU (0: $MODEL_MERGER_THREADS, else the CPUs available); bytes never depend on it
+    threads: int = 0  # merge workers on the CPU (0: $MODEL_MERGER_THREADS, else the CPUs available less one); bytes never depend on it
     headers: Optional[List[SafetensorsHeader]] = field(default=None, repr=False, compare=False)
 
 

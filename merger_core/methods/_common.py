@@ -38,8 +38,8 @@ class use_workers:
 
 
 def workers() -> int:
-    """Threads for slice work: the running merge's ``threads``, else ``$MODEL_MERGER_THREADS``, else the CPUs this
-    process may run on. Independent of torch's intra-op setting (the engine sets it to 1 on the CPU): slices are
+    """Threads for slice work: the running merge's ``threads``, else ``$MODEL_MERGER_THREADS``, else one less than
+    the CPUs this process may run on. Independent of torch's intra-op setting (the engine sets it to 1 on the CPU): slices are
     below torch's parallel grain size, so each op runs on the thread that calls it, and the threads here do no
     spin-waiting. Results never depend on it: slice boundaries are fixed."""
     if _OVERRIDE[0] > 0:
@@ -48,9 +48,12 @@ def workers() -> int:
     if env.isdigit() and int(env) > 0:
         return int(env)
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    # one core is left to the output's hashing and writing threads: on this project's 2-core test machine two
+    # merge workers were slower than one (weighted sum 6.8 s vs 5.9 s, TIES 39 s vs 33 s; docs/performance.md)
+    return max(1, cpus - 1)
 
 
 def run_slices(n: int, fn, size: int = SLICE) -> list:
