@@ -77,3 +77,24 @@ def not_root(tmp_path):
     """Skips the test where file permissions do not stop this process (root)."""
     if not permissions_apply(tmp_path):
         pytest.skip("file permissions do not stop this process (root)")
+
+
+@pytest.fixture
+def comfy(tmp_path, monkeypatch):
+    """The stand-in ComfyUI host (``support/comfy_stub.py``) with the pack loaded: ``(host, pack)``."""
+    import comfy_stub
+
+    monkeypatch.delenv("MODEL_MERGER_ALLOW_ANY_FOLDER", raising=False)
+    monkeypatch.delenv("CIVITAI_API_KEY", raising=False)
+    monkeypatch.setenv("MODEL_MERGER_HOME", str(tmp_path / "mmhome"))
+    host, pack = comfy_stub.install(str(tmp_path / "comfy"))
+    yield host, pack
+    comfy_stub.uninstall()
+
+
+@pytest.fixture
+def ckpts(comfy):
+    """Three small SD1.5-keyed checkpoints in the stand-in host's checkpoints folder."""
+    host, _ = comfy
+    return helpers.write_models(os.path.join(host.base, "models", "checkpoints"), 3)
+

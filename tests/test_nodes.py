@@ -16,22 +16,6 @@ from merger_core.merge.plan import plan_from_manifest
 V1_TYPES = {"STRING", "INT", "FLOAT", "BOOLEAN", "MODEL", "CLIP", "VAE", "IMAGE", "MANIFEST"}
 
 
-@pytest.fixture
-def comfy(tmp_path, monkeypatch):
-    monkeypatch.delenv("MODEL_MERGER_ALLOW_ANY_FOLDER", raising=False)
-    monkeypatch.setenv("MODEL_MERGER_HOME", str(tmp_path / "mmhome"))
-    host, pack = comfy_stub.install(str(tmp_path / "comfy"))
-    yield host, pack
-    comfy_stub.uninstall()
-
-
-@pytest.fixture
-def ckpts(comfy):
-    host, _pack = comfy
-    folder = os.path.join(host.base, "models", "checkpoints")
-    return helpers.write_models(folder, 3)
-
-
 def nodes_of(pack):
     return pack.NODE_CLASS_MAPPINGS
 

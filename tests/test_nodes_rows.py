@@ -7,23 +7,6 @@ import os
 
 import pytest
 
-import comfy_stub
-import helpers
-
-
-@pytest.fixture
-def comfy(tmp_path, monkeypatch):
-    monkeypatch.delenv("MODEL_MERGER_ALLOW_ANY_FOLDER", raising=False)
-    monkeypatch.setenv("MODEL_MERGER_HOME", str(tmp_path / "mmhome"))
-    host, pack = comfy_stub.install(str(tmp_path / "comfy"))
-    yield host, pack
-    comfy_stub.uninstall()
-
-
-@pytest.fixture
-def ckpts(comfy):
-    host, _ = comfy
-    return helpers.write_models(os.path.join(host.base, "models", "checkpoints"), 3)
 
 
 def rows(*items):
