@@ -353,3 +353,45 @@ def test_rows_node_api_twin_with_the_headless_runner(server):
     r = subprocess.run([sys.executable, script, api, "--server", server.url, "--set", f"1.models={json.dumps(bad)}"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "row 2: checkpoint 'nope.safetensors'" in r.stderr, r.stdout + r.stderr
+
+
+def test_scaled_fp8_merge_output_loads_and_renders_in_comfyui(server):
+    """Issue 12: a ComfyUI scaled-fp8 checkpoint (fp8 codes + per-layer .scale_weight + the scaled_fp8 marker)
+    merged with an fp16 one gives a plain fp16 checkpoint that ComfyUI's own loader takes and renders with."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    ckpts = os.path.join(server.base, "models", "checkpoints")
+    sd = load_file(os.path.join(ckpts, "model_a.safetensors"))
+    unet = "model.diffusion_model."
+    top = torch.finfo(torch.float8_e4m3fn).max
+    for k in [k for k, v in sd.items() if k.startswith(unet) and k.endswith(".weight") and v.dim() == 2]:
+        w = sd[k].float()
+        scale = torch.tensor(max(float(w.abs().max()), 1e-8) / top * 1.5, dtype=torch.float32)
+        sd[k] = (w / scale).clamp(-top, top).to(torch.float8_e4m3fn)
+        sd[k[: -len("weight")] + "scale_weight"] = scale
+    sd[unet + "scaled_fp8"] = torch.zeros((0,), dtype=torch.float8_e4m3fn)
+    save_file(sd, os.path.join(ckpts, "model_fp8.safetensors"))
+    del sd
+    rows = json.dumps([{"ckpt": "model_fp8.safetensors", "weight": 1.0, "on": True},
+                       {"ckpt": "model_b.safetensors", "weight": 1.0, "on": True}])
+    wf = cs.load_api("merge_rows_to_disk.json", **{"1.models": rows, "1.filename_prefix": "checkpoints/fp8merge"})
+    entry = server.run(wf)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    out = out_dir(server, "checkpoints", "fp8merge_00001_.safetensors")
+    with safe_open(out, "pt") as f:
+        keys = list(f.keys())
+        dtypes = {f.get_slice(k).get_dtype() for k in keys if k.startswith(unet)}
+    assert not [k for k in keys if k.endswith((".scale_weight", ".scale_input", "scaled_fp8"))]
+    assert dtypes <= {"F16"}, dtypes
+    wf = cs.load_api("merge_to_graph_and_preview.json", **SMALL_RENDER)
+    for k in ("1", "2", "3", "10"):
+        del wf[k]
+    wf["20"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "fp8merge_00001_.safetensors"}}
+    wf["4"]["inputs"]["clip"] = wf["5"]["inputs"]["clip"] = ["20", 1]
+    wf["7"]["inputs"]["model"] = ["20", 0]
+    wf["8"]["inputs"]["vae"] = ["20", 2]
+    entry = server.run(wf)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert entry["outputs"]["9"]["images"]
