@@ -38,6 +38,20 @@ def server(tmp_path_factory):
     srv.stop()
 
 
+def render_with_checkpoint_loader(server, ckpt_name: str) -> None:
+    """Load ``ckpt_name`` with ComfyUI's own CheckpointLoaderSimple and render a small image with it."""
+    wf = cs.load_api("merge_to_graph_and_preview.json", **SMALL_RENDER)
+    for k in ("1", "2", "3", "10"):
+        del wf[k]
+    wf["20"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}}
+    wf["4"]["inputs"]["clip"] = wf["5"]["inputs"]["clip"] = ["20", 1]
+    wf["7"]["inputs"]["model"] = ["20", 0]
+    wf["8"]["inputs"]["vae"] = ["20", 2]
+    entry = server.run(wf)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert entry["outputs"]["9"]["images"]
+
+
 def out_dir(server, *parts):
     return os.path.join(server.base, "output", *parts)
 
@@ -111,16 +125,7 @@ def test_scan_merge_to_disk_loads_back_through_checkpoint_loader(server):
     # output/checkpoints is a checkpoint folder: the loaders list the new file and it renders
     names = server.object_info()["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
     assert "scanned_00001_.safetensors" in names
-    wf = cs.load_api("merge_to_graph_and_preview.json", **SMALL_RENDER)
-    for k in ("1", "2", "3", "10"):
-        del wf[k]
-    wf["20"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "scanned_00001_.safetensors"}}
-    wf["4"]["inputs"]["clip"] = wf["5"]["inputs"]["clip"] = ["20", 1]
-    wf["7"]["inputs"]["model"] = ["20", 0]
-    wf["8"]["inputs"]["vae"] = ["20", 2]
-    entry = server.run(wf)
-    assert entry["status"]["status_str"] == "success", entry["status"]
-    assert entry["outputs"]["9"]["images"]
+    render_with_checkpoint_loader(server, "scanned_00001_.safetensors")
 
 
 def test_manifest_built_in_graph_is_saved_and_merged(server):
@@ -385,13 +390,4 @@ def test_scaled_fp8_merge_output_loads_and_renders_in_comfyui(server):
         dtypes = {f.get_slice(k).get_dtype() for k in keys if k.startswith(unet)}
     assert not [k for k in keys if k.endswith((".scale_weight", ".scale_input", "scaled_fp8"))]
     assert dtypes <= {"F16"}, dtypes
-    wf = cs.load_api("merge_to_graph_and_preview.json", **SMALL_RENDER)
-    for k in ("1", "2", "3", "10"):
-        del wf[k]
-    wf["20"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "fp8merge_00001_.safetensors"}}
-    wf["4"]["inputs"]["clip"] = wf["5"]["inputs"]["clip"] = ["20", 1]
-    wf["7"]["inputs"]["model"] = ["20", 0]
-    wf["8"]["inputs"]["vae"] = ["20", 2]
-    entry = server.run(wf)
-    assert entry["status"]["status_str"] == "success", entry["status"]
-    assert entry["outputs"]["9"]["images"]
+    render_with_checkpoint_loader(server, "fp8merge_00001_.safetensors")

@@ -12,12 +12,12 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 from typing import List, Optional
+
+from scripts.screenshot_workflow import free_port as _free_port, http_json  # noqa: F401  (one DevTools/HTTP helper for the script and the tests)
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--hide-scrollbars", "--mute-audio",
@@ -33,21 +33,6 @@ def chromium_path() -> Optional[str]:
         if p:
             return p
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_json(url, data=None, method=None, timeout=30):
-    body = json.dumps(data).encode() if data is not None else None
-    req = urllib.request.Request(url, data=body, method=method,
-                                 headers={"Content-Type": "application/json"} if body is not None else {})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        raw = r.read()
-        return json.loads(raw) if raw else None
 
 
 class Page:
