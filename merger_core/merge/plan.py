@@ -57,6 +57,9 @@ class MergePlan:
     * ``key_source(key) -> int | None``: copy this key from input ``i`` instead of merging it (a text encoder or
       VAE taken from one model). ``None`` merges the key.
     * ``key_weights(key) -> list[float] | None``: per-input weights for this key (block-weighted sums).
+    * ``key_delta(key) -> delta | None``: something to add to this key's merged fp32 values before they are checked
+      and narrowed (baked LoRAs): ``delta.add_to(values, start)`` adds the delta of elements ``start..start +
+      values.numel()`` of the flattened key into the fp32 tensor ``values`` in place (on whatever device it is).
 
     ``nonfinite`` is one of :data:`NONFINITE_MODES`: what to do with merged values that are NaN or Inf or beyond
     the output dtype's range.
@@ -75,6 +78,7 @@ class MergePlan:
     key_params: Optional[Callable[[str], Dict[str, float]]] = None
     key_source: Optional[Callable[[str], Optional[int]]] = None
     key_weights: Optional[Callable[[str], Optional[Sequence[float]]]] = None
+    key_delta: Optional[Callable[[str], Optional[object]]] = None
     recipe: Dict[str, object] = field(default_factory=dict)  # extra recipe facts for the metadata
     # the inputs' headers where a planner (cross-merge) has read them already, in input order: read once per merge
     threads: int = 0  # merge workers on the CPU (0: $MODEL_MERGER_THREADS, else the CPUs available less one); bytes never depend on it
@@ -90,6 +94,12 @@ class KeyJob:
     copy_from: Optional[int] = None  # copy exactly (or cast) from this input instead of merging
     # inputs whose tensor of this key is scaled fp8 codes -> the key of its scale (the value is codes * scale)
     scales: Dict[int, str] = field(default_factory=dict)
+    # inputs that name this key differently in their file (another key layout) -> the name there
+    source_names: Dict[int, str] = field(default_factory=dict)
+
+    def source_name(self, i: int) -> str:
+        """The name of this key in input ``i``'s file."""
+        return self.source_names.get(i, self.name)
 
     @property
     def numel(self) -> int:

@@ -97,6 +97,7 @@ class _Runner:
         self.base_weights = [float(i.weight) for i in self.plan.inputs]
         self.nonfinite = self.plan.nonfinite
         self.scales: Dict[int, float] = {}  # the current key's scaled fp8 inputs -> their scale
+        self.delta = None  # what the plan adds to the current key's merged values (baked LoRAs), or None
         self.flagged: Dict[str, List[int]] = {}  # key -> [NaN, Inf, beyond the output range] (warn, clamp)
         self._flagged_dtype: Dict[str, str] = {}
         self._limits: Dict[str, float] = {}
@@ -164,7 +165,8 @@ class _Runner:
                     raise MergeCancelled()
                 check_unchanged(prep.headers, f"before {job.name}")
                 prefetch.advance(idx)
-                views = {i: handles[i].get_tensor(job.name) for i in ([job.copy_from] if job.copy_from is not None else job.sources)}
+                views = {i: handles[i].get_tensor(job.source_name(i)) for i in ([job.copy_from] if job.copy_from is not None else job.sources)}
+                self.delta = self.plan.key_delta(job.name) if self.plan.key_delta is not None else None
                 # scaled fp8 inputs: the value is code * scale (one float per layer)
                 self.scales = {i: _scalar(handles[i].get_tensor(name)) for i, name in job.scales.items() if i in views}
                 self.sink.begin_key(job)
@@ -247,9 +249,12 @@ class _Runner:
             return self.emit_host(job, flat)  # integers and markers keep their bytes
         views = {job.copy_from: view}
         scale = self.scales.get(job.copy_from)
+        delta = self.delta
 
         def produce(s, e, dst):  # a float key taken from one model: checked like a merged one
-            x = flat[s:e] if scale is None else flat[s:e].to(self.torch.float32) * scale
+            x = flat[s:e] if scale is None and delta is None else self.widen(job.copy_from, flat[s:e])
+            if delta is not None:
+                delta.add_to(x, s)
             dst.copy_(self.guard(job, x, s, views))
 
         self.emit_cpu(job, produce)
@@ -259,10 +264,23 @@ class _Runner:
         coefs = self.prep.method.coefficients(self.key_weights(job), self.key_params(job))
         coefs = [c * self.scales.get(i, 1.0) for i, c in zip(job.sources, coefs)]  # c * (code * scale)
         terms = [(views[i].reshape(-1), float(c)) for i, c in zip(job.sources, coefs) if c != 0.0]
-        if not terms:
+        if not terms:  # every weight 0: zeros (plus the delta, if any)
+            delta = self.delta
+
             def zero(s, e, dst):
-                dst.zero_()
-            return self.emit_cpu(job, zero) if self.on_cpu else self.emit_host(job, torch.zeros(job.numel, dtype=torch_dtype(job.out_dtype)))
+                if delta is None:
+                    return dst.zero_()
+                a, _ = self.scratch(e - s)
+                a.zero_()
+                delta.add_to(a, s)
+                dst.copy_(self.guard(job, a, s, views))
+
+            if self.on_cpu:
+                return self.emit_cpu(job, zero)
+            acc = self.acc[: job.numel].zero_()
+            if delta is not None:
+                delta.add_to(acc, 0)
+            return self.emit_device(job, self.guard(job, acc, 0, views))
         lead = max(range(len(terms)), key=lambda k: abs(terms[k][1]))
         terms.insert(0, terms.pop(lead))
         c0 = terms[0][1]
@@ -278,6 +296,8 @@ class _Runner:
                     a.add_(xs, alpha=c / c0)
                 if c0 != 1.0:
                     a.mul_(c0)
+                if self.delta is not None:
+                    self.delta.add_to(a, s)
                 dst.copy_(self.guard(job, a, s, views))
 
             self.emit_cpu(job, produce)
@@ -293,6 +313,8 @@ class _Runner:
                         acc.mul_(c)
                 else:
                     acc.add_(xd, alpha=c)
+            if self.delta is not None:
+                self.delta.add_to(acc, 0)
             self.emit_device(job, self.guard(job, acc, 0, views))
 
     def tensor_key(self, job: KeyJob, views) -> None:
@@ -306,6 +328,9 @@ class _Runner:
             def produce(s, e, dst):
                 here = dataclasses.replace(ctx, offset=s)  # one context per slice: workers run slices at once
                 merged = method.merge_tensor([self.widen(i, f[s:e]) for i, f in zip(job.sources, flats)], weights, params, here)
+                if self.delta is not None:
+                    merged = merged if merged.dtype == torch.float32 else merged.to(torch.float32)
+                    self.delta.add_to(merged, s)
                 dst.copy_(self.guard(job, merged, s, views))
 
             self.emit_cpu(job, produce)
@@ -319,6 +344,9 @@ class _Runner:
             ts = [self.widen(i, self.to_device(f)).reshape(job.shape) for i, f in zip(job.sources, flats)]
         result = method.merge_tensor(ts, weights, params, ctx).reshape(-1)
         del ts
+        if self.delta is not None:
+            result = result if result.dtype == torch.float32 else result.to(torch.float32)
+            self.delta.add_to(result, 0)
         result = self.guard(job, result, 0, views)
         if self.on_cpu:
             self.emit_host(job, result.to(torch_dtype(job.out_dtype)))
@@ -495,7 +523,7 @@ def _device_bytes(prep: PreparedMerge) -> int:
     for job in prep.jobs:
         if job.copy_from is not None:
             continue
-        item = max([4, DTYPE_SIZES[job.out_dtype]] + [DTYPE_SIZES[prep.headers[i].tensors[job.name].dtype] for i in job.sources])
+        item = max([4, DTYPE_SIZES[job.out_dtype]] + [DTYPE_SIZES[prep.headers[i].tensors[job.source_name(i)].dtype] for i in job.sources])
         most = max(most, job.numel * item)
     return most
 
@@ -506,7 +534,8 @@ def _read_ranges(prep: PreparedMerge) -> List[List[Tuple[int, int, int]]]:
     for job in prep.jobs:
         srcs = [job.copy_from] if job.copy_from is not None else job.sources
         out.append([
-            (i, prep.headers[i].data_start + prep.headers[i].tensors[job.name].begin, prep.headers[i].tensors[job.name].nbytes)
+            (i, prep.headers[i].data_start + prep.headers[i].tensors[job.source_name(i)].begin,
+             prep.headers[i].tensors[job.source_name(i)].nbytes)
             for i in srcs
         ])
     return out
