@@ -25,8 +25,9 @@ ALLOWED = {
     "report": BOTTOM | {"io", "arch"},
     "manifest": BOTTOM | {"io", "methods", "host"},
     "identity": BOTTOM | {"io", "arch", "manifest", "host"},
-    "merge": BOTTOM | {"io", "host", "methods", "arch", "report", "manifest", "identity"},
-    "cli": BOTTOM | {"io", "host", "methods", "arch", "report", "manifest", "identity", "merge"},
+    "lora": BOTTOM | {"io", "arch", "methods"},
+    "merge": BOTTOM | {"io", "host", "methods", "arch", "report", "manifest", "identity", "lora"},
+    "cli": BOTTOM | {"io", "host", "methods", "arch", "report", "manifest", "identity", "merge", "lora"},
 }
 HOST_MODULES = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "server", "nodes", "execution", "node_helpers"}
 
