@@ -133,3 +133,43 @@ def build_key_map(arch: str, keys: Iterable[str]) -> Dict[str, Target]:
         if t.key in keys:
             out[alias] = t
     return out
+
+
+# the kohya prefixes an extracted LoRA names its text-encoder modules with, per key map (first wins)
+KOHYA_TE_PREFIXES = {"sd15": ["lora_te_"], "sd21": ["lora_te_"], "sdxl_base": ["lora_te1_", "lora_te2_"],
+                     "sd3_medium": ["lora_te1_", "lora_te2_"], "flux1_dev": ["lora_te1_", "lora_te2_"]}
+
+
+def kohya_modules(arch: str, keys: Iterable[str]) -> Dict[str, List[Tuple[str, Optional[Tuple[int, int]]]]]:
+    """checkpoint key -> [(kohya module name, rows or None)] for the keys a kohya-format LoRA can patch: every weight
+    of the diffusion model by its own name (``lora_unet_`` + the name with ``_``), the attention and MLP weights of
+    the text encoders (``lora_te_``/``lora_te1_``/``lora_te2_``; a fused OpenCLIP ``in_proj_weight`` gets three
+    modules, one per block of rows). Names are ones ComfyUI's map (and so this one) resolves to the same target."""
+    keys = set(keys)
+    d = keymap_data(arch)
+    km = build_key_map(arch, keys)
+    out: Dict[str, List[Tuple[str, Optional[Tuple[int, int]]]]] = {}
+    prefix = next((p for p in d["unet"]["prefixes"] if any(k.startswith(p) for k in keys)), None)
+    if prefix is not None:
+        for k in keys:
+            if k.startswith(prefix) and k.endswith(".weight"):
+                name = "lora_unet_" + k[len(prefix): -len(".weight")].replace(".", "_")
+                if km.get(name) == Target(k):
+                    out[k] = [(name, None)]
+    prefs = KOHYA_TE_PREFIXES.get(arch, ["lora_te_"])
+    chosen: Dict[Tuple[str, Optional[Tuple[int, int]]], str] = {}
+    for alias, t in km.items():
+        if t.transpose or t.key in out:
+            continue
+        p = next((i for i, pre in enumerate(prefs) if alias.startswith(pre)), None)
+        if p is None or not re.search(r"_text_model_encoder_layers_\d+_", alias):
+            continue
+        slot = (t.key, t.rows)
+        old = chosen.get(slot)
+        if old is None or (p, alias) < (next(i for i, pre in enumerate(prefs) if old.startswith(pre)), old):
+            chosen[slot] = alias
+    for (k, rows), alias in chosen.items():
+        out.setdefault(k, []).append((alias, rows))
+    for k in out:
+        out[k].sort(key=lambda m: (m[1] or (0, 0)))
+    return out
