@@ -177,21 +177,29 @@ class LoraExtractor:
             return []
         out = []
         for name, rows in self.modules[key]:
-            part = d if rows is None else d[rows[0]: rows[0] + rows[1]]
-            mat = part.reshape(part.shape[0], -1)
-            cap = (self.conv_rank if self.conv_rank is not None else self.rank) if conv3 else self.rank
-            up, down, retained = factorize(mat, min(cap, *mat.shape), self.energy)
-            r = down.shape[0]
-            if len(shape) == 4:
-                up = up.reshape(up.shape[0], r, 1, 1)
-                down = down.reshape(r, *part.shape[1:])
-            self._put(f"{name}.lora_up.weight", up)
-            self._put(f"{name}.lora_down.weight", down)
-            self._put(f"{name}.alpha", torch.tensor(float(r)))
-            m = ModuleEnergy(name, key, r, min(mat.shape), retained, float(torch.linalg.vector_norm(mat.double())))
-            self.result.modules.append(m)
-            out.append(m)
+            out.append(self.add_module(name, key, d if rows is None else d[rows[0]: rows[0] + rows[1]]))
         return out
+
+    def add_module(self, name: str, key: str, part) -> ModuleEnergy:
+        """Factorise one module's fp32 delta (2-D, or 4-D for a conv) under the kohya module ``name``."""
+        import torch
+
+        shape = tuple(part.shape)
+        conv3 = len(shape) == 4 and shape[2:] != (1, 1)
+        part = part.detach().to(device="cpu", dtype=torch.float32)
+        mat = part.reshape(part.shape[0], -1)
+        cap = (self.conv_rank if self.conv_rank is not None else self.rank) if conv3 else self.rank
+        up, down, retained = factorize(mat, min(cap, *mat.shape), self.energy)
+        r = down.shape[0]
+        if len(shape) == 4:
+            up = up.reshape(up.shape[0], r, 1, 1)
+            down = down.reshape(r, *shape[1:])
+        self._put(f"{name}.lora_up.weight", up)
+        self._put(f"{name}.lora_down.weight", down)
+        self._put(f"{name}.alpha", torch.tensor(float(r)))
+        m = ModuleEnergy(name, key, r, min(mat.shape), retained, float(torch.linalg.vector_norm(mat.double())))
+        self.result.modules.append(m)
+        return m
 
     def _put(self, name: str, t) -> None:
         from ..io.safetensors import torch_dtype
