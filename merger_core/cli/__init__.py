@@ -22,6 +22,7 @@ COMMANDS = [
     "hash", "lookup",
     "train_diff", "cross_merge", "bases",
     "analyze", "diff", "lineage",
+    "verify",
     "extract_lora", "merge_loras",
 ]
 

@@ -9,6 +9,7 @@ from ..merge.runner import merge_to_file
 from ..merge.plan import prepare
 from ..errors import ManifestError
 from ..units import human_bytes
+from ._options import add_input_hashes_option
 from ._signals import signals_of
 from ._progress import ProgressBar
 
@@ -50,6 +51,7 @@ def add_arguments(p) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="check and print the plan; read no weights, write nothing")
     p.add_argument("--no-progress", action="store_true")
+    add_input_hashes_option(p)
     p.add_argument("--threads", type=int, default=0, metavar="K",
                    help="merge workers on the CPU (default: $MODEL_MERGER_THREADS, else one less than the CPUs this process may use); "
                         "the output is the same for every K")
@@ -94,6 +96,7 @@ def run(args) -> int:
     with ProgressBar("cross-merge", enabled=not args.no_progress) as bar:
         with signals_of(args).polling():
             res = merge_to_file(cp.plan, args.output, overwrite=args.overwrite, progress=bar, prepared=prep,
+                                input_hashes=args.input_hashes,
                                 cancel=signals_of(args))
     print(f"wrote {res.output} ({human_bytes(res.output_bytes)}, {res.keys} tensors, {res.seconds:.1f} s)")
     return 0

@@ -7,6 +7,7 @@ import sys
 
 from ..errors import IncompatibleModelsError, ModelMergerError
 from ..units import human_bytes
+from ._options import add_input_hashes_option
 from ._signals import signals_of
 from ._progress import DEFAULT_NOTIFY_AFTER, ProgressBar, RunNotifier
 
@@ -40,6 +41,7 @@ def add_arguments(p) -> None:
     p.add_argument("--notify-after", type=float, default=DEFAULT_NOTIFY_AFTER, metavar="SECONDS",
                    help=f"only notify for runs at least this long (default: {DEFAULT_NOTIFY_AFTER:g})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_input_hashes_option(p)
     p.add_argument("--threads", type=int, default=0, metavar="K",
                    help="merge workers on the CPU (default: $MODEL_MERGER_THREADS, else one less than the CPUs this process may use); "
                         "the output is the same for every K")
@@ -78,6 +80,7 @@ def run(args) -> int:
         with ProgressBar("merging", enabled=not args.no_progress) as bar:
             with signals_of(args).polling():
                 result = merge_to_file(plan, output, overwrite=args.overwrite, progress=bar, prepared=prep,
+                                       input_hashes=args.input_hashes,
                                        cancel=signals_of(args))
     except ModelMergerError as exc:
         notifier.finish(False, f"{os.path.basename(output)}: {exc}")

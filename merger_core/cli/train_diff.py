@@ -8,6 +8,7 @@ from ..merge.runner import merge_to_file
 from ..merge.plan import prepare
 from ..merge.train import plan_difference
 from ..units import human_bytes
+from ._options import add_input_hashes_option
 from ._signals import signals_of
 from ._progress import ProgressBar
 
@@ -34,6 +35,7 @@ def add_arguments(p) -> None:
     p.add_argument("--title", default=None)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    add_input_hashes_option(p)
     p.add_argument("--threads", type=int, default=0, metavar="K",
                    help="merge workers on the CPU (default: $MODEL_MERGER_THREADS, else one less than the CPUs this process may use); "
                         "the output is the same for every K")
@@ -49,6 +51,7 @@ def run(args) -> int:
     with ProgressBar("train-diff", enabled=not args.no_progress) as bar:
         with signals_of(args).polling():
             res = merge_to_file(plan, args.output, overwrite=args.overwrite, progress=bar, prepared=prep,
+                                input_hashes=args.input_hashes,
                                 cancel=signals_of(args))
     for n in res.notes:
         print(f"note: {n}", file=sys.stderr)

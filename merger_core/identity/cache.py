@@ -27,7 +27,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from .hashing import DEFAULT_ALGORITHMS, FileHashes, CancelFn, ProgressFn, hash_file, normalize_algorithms, sample_signature
 from ..errors import BadFileError
@@ -395,6 +395,24 @@ class HashCache:
             )
 
         self._run(move, write=True)
+
+    def paths_with_sha256(self, sha256: str) -> List[str]:
+        """Paths the cache knows with this full-file SHA-256 whose size and modification time still match (a
+        candidate is proof only once :meth:`lookup` agrees; the file is not read here)."""
+        value = (sha256 or "").lower()
+
+        def find(conn):
+            return conn.execute("SELECT path FROM files WHERE sha256 = ? ORDER BY updated DESC", (value,)).fetchall()
+
+        out = []
+        for (path,) in self._run(find, default=[]) or []:
+            try:
+                known = self.lookup(path, ("sha256",))
+            except BadFileError:
+                continue
+            if known is not None and known.sha256 == value:
+                out.append(path)
+        return out
 
     def forget(self, path: str | os.PathLike) -> None:
         real = os.path.realpath(os.fspath(path))

@@ -171,6 +171,7 @@ class StreamingWriter:
         self.sha256: Optional[str] = None
         self.bytes_written = 0
         self._flushed = 0
+        self._fills: Dict[str, str] = {}
 
     # -- checks that can run before any work -------------------------------------------------------------------
     def check_target(self) -> None:
@@ -226,6 +227,17 @@ class StreamingWriter:
         if self.bytes_written - self._flushed >= WRITEBACK_STEP:
             self._start_writeback()
 
+    def fill(self, replacements: Mapping[str, str]) -> None:
+        """Replace placeholders in the header (values known only at the end, such as the inputs' hashes being
+        computed during the run) when the file is finished. Each value must have its placeholder's length and be
+        plain ASCII that JSON writes as it is, so the header keeps its size and layout."""
+        for old, new in replacements.items():
+            if len(old) != len(new) or not new.isascii() or any(c in new for c in '"\\') or not new.isprintable():
+                raise ValueError(f"header placeholder {old!r} cannot take {new!r}")
+            if self._header.find(old.encode("ascii")) < 0:
+                raise ValueError(f"header placeholder {old!r} is not in the header")
+            self._fills[old] = new
+
     def _start_writeback(self) -> None:
         """Start writing the bytes so far to disk now, instead of all at once in the final fsync.
 
@@ -253,9 +265,15 @@ class StreamingWriter:
             raise ValueError(f"writer closed after {self.bytes_written} of {self.total_bytes} bytes")
         self.sha256 = self._hasher.hexdigest()
         try:
+            header = self._header
+            for old, new in self._fills.items():
+                header = header.replace(old.encode("ascii"), new.encode("ascii"))
             if self._hash_at >= 0:
-                self._file.seek(self._hash_at)
-                self._file.write(("0x" + self.sha256).encode("ascii"))
+                value = ("0x" + self.sha256).encode("ascii")
+                header = header[: self._hash_at] + value + header[self._hash_at + len(value):]
+            if header != self._header:
+                self._file.seek(0)
+                self._file.write(header)
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()

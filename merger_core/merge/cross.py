@@ -11,6 +11,7 @@ written.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -442,8 +443,22 @@ def plan_cross_merge(req: CrossMergeRequest) -> CrossPlan:
         key_source=key_source,
         recipe=recipe,
         headers=headers,  # shapes are checked by prepare(), on these headers (read once)
+        replay={"planner": "cross_merge", "args": _replay_args(req, len(paths))},
     )
     return CrossPlan(plan, base_path, reason, arch_id, arch_name, components, notes, ranking)
+
+
+def _replay_args(req: CrossMergeRequest, n: int) -> Dict[str, object]:
+    """The request as `model-merger verify` rebuilds it: the base is input 0, the models inputs 1..n."""
+    import dataclasses
+
+    args = {f.name: getattr(req, f.name) for f in dataclasses.fields(req)}
+    args["models"] = list(range(1, n + 1))
+    args["base"] = 0
+    args["candidate_bases"] = None
+    args["weights"] = list(req.weights) if req.weights is not None else None
+    args["text_encoders"] = dict(req.text_encoders or {})
+    return json.loads(json.dumps(args, default=str))
 
 
 def cross_merge_to_file(

@@ -15,21 +15,37 @@ from ..version import __version__
 METHOD_LABELS = {"weighted_sum": "Weighted sum", "add_difference": "Add difference"}
 
 
-def build_metadata(prep, output_path: str) -> Dict[str, str]:
+NESTED_LIMIT = 1 << 20  # an input's own recipe or model list larger than this (characters) is not carried on
+REPLAY_KEY = "model_merger.replay"  # what `model-merger verify` re-runs
+
+
+def build_metadata(prep, output_path: str, identities=None) -> Dict[str, str]:
+    """The output's metadata. ``identities`` (:class:`~merger_core.merge.provenance.InputHashes`) gives each input's
+    SHA-256, AutoV2 and AutoV1; hashes still being computed are placeholders the writer fills at the end."""
     plan = prep.plan
     names = [i.display_name() for i in plan.inputs]
     title = plan.title or os.path.splitext(os.path.basename(output_path))[0]
     weights = [float(i.weight) for i in plan.inputs]
     total = sum(weights)
     shown = [w / total for w in weights] if (plan.normalize and prep.method.uses_weights and total) else weights
-    hashes = [i.sha256.lower() if i.sha256 else None for i in plan.inputs]
+    n = len(plan.inputs)
+    if identities is not None:
+        hashes = [identities.sha256_field(i) for i in range(n)]
+        autov2 = [identities.autov2_field(i) for i in range(n)]
+        legacy = [identities.inputs[i].autov1 for i in range(n)]
+        sizes = [identities.inputs[i].size for i in range(n)]
+    else:
+        hashes = [i.sha256.lower() if i.sha256 else None for i in plan.inputs]
+        autov2 = [h[:10] if h else None for h in hashes]
+        legacy = [None] * n
+        sizes = [h.file_size for h in prep.headers]
     recipe = {
         "type": "model-merger",
         "version": __version__,
         "interp_method": METHOD_LABELS.get(plan.method, plan.method),
         "method": plan.method,
         "models": [
-            {"name": n, "sha256": h, "weight": w} for n, h, w in zip(names, hashes, shown)
+            {"name": nm, "sha256": h, "autov2": a, "weight": w} for nm, h, a, w in zip(names, hashes, autov2, shown)
         ],
         "params": _jsonable(prep.params),
         "normalize": plan.normalize,
@@ -37,20 +53,30 @@ def build_metadata(prep, output_path: str) -> Dict[str, str]:
         "save_as_half": plan.dtype in ("fp16", "bf16"),
         "allow_missing": plan.allow_missing,
         "seed": plan.seed,
+        "nonfinite": plan.nonfinite,
     }
     for slot, h in zip(("primary_model_hash", "secondary_model_hash", "tertiary_model_hash"), hashes):
         recipe[slot] = h
     if plan.recipe:
         recipe.update(_jsonable(plan.recipe))
-    merge_models = {}
-    for n, h, inp in zip(names, hashes, plan.inputs):
-        merge_models[h or f"unknown:{n}"] = {"name": n, "legacy_hash": None, "sd_merge_recipe": None}
+    # A1111/Forge's form: {sha256: {name, legacy_hash, sd_merge_recipe}} in input order, then what each input was
+    # itself merged from (so the web UIs and CivitAI show the whole family). Insertion order, not sorted: the bytes
+    # must not depend on whether a hash came from the cache or was computed in the run.
+    merge_models: Dict[str, object] = {}
+    for nm, h, v1, header in zip(names, hashes, legacy, prep.headers):
+        own = header.metadata or {}
+        merge_models[h or f"unknown:{nm}"] = {"name": nm, "legacy_hash": v1, "sd_merge_recipe": _nested(own.get("sd_merge_recipe"))}
+        inner = _nested(own.get("sd_merge_models"))
+        if isinstance(inner, dict):
+            for k, v in inner.items():
+                if isinstance(k, str) and k not in merge_models:
+                    merge_models[k] = v
     manifest = {
         "version": 1,
         "method": plan.method,
         "normalize": plan.normalize,
         "dtype": plan.dtype,
-        "models": [{"path": n, "weight": float(i.weight), **({"sha256": i.sha256} if i.sha256 else {})} for n, i in zip(names, plan.inputs)],
+        "models": [{"path": nm, "weight": float(i.weight), **({"sha256": h} if h else {})} for nm, i, h in zip(names, plan.inputs, hashes)],
     }
     if prep.params:
         manifest["params"] = _jsonable(prep.params)
@@ -61,10 +87,17 @@ def build_metadata(prep, output_path: str) -> Dict[str, str]:
         "modelspec.title": title,
         "modelspec.merged_from": ", ".join(names),
         "sd_merge_recipe": json.dumps(recipe, sort_keys=True),
-        "sd_merge_models": json.dumps(merge_models, sort_keys=True),
+        "sd_merge_models": json.dumps(merge_models),
         "model_merger.manifest": json.dumps(manifest, sort_keys=True),
         "model_merger.version": __version__,
     }
+    replay = plan.replay or _plan_replay(plan)
+    if replay:
+        meta[REPLAY_KEY] = json.dumps({
+            "version": 1,
+            **_jsonable(replay),
+            "inputs": [{"name": nm, "sha256": h, "size": sz} for nm, h, sz in zip(names, hashes, sizes)],
+        }, sort_keys=True)
     pred = _prediction_type(prep)
     if pred:
         meta["modelspec.prediction_type"] = pred
@@ -76,6 +109,28 @@ def _prediction_type(prep) -> str | None:
     if "v_pred" in keys:
         return "v"
     return None
+
+
+def _plan_replay(plan):
+    """A plan built without per-key hooks is its own record: its fields, inputs by index."""
+    if any(h is not None for h in (plan.key_params, plan.key_source, plan.key_weights, plan.key_delta)):
+        return None  # a planner that adds hooks records itself (plan.replay)
+    return {"planner": "plan", "args": {
+        "weights": [float(i.weight) for i in plan.inputs], "method": plan.method, "params": _jsonable(plan.params),
+        "normalize": plan.normalize, "dtype": plan.dtype, "device": plan.device, "allow_missing": plan.allow_missing,
+        "seed": plan.seed, "title": plan.title, "nonfinite": plan.nonfinite, "recipe": _jsonable(plan.recipe),
+    }}
+
+
+def _nested(value):
+    """An input's own recipe or model list (JSON in its metadata) as a value to carry on, or None."""
+    if not isinstance(value, str) or not value or len(value) > NESTED_LIMIT:
+        return None
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, (dict, list)) else None
 
 
 def _jsonable(obj):

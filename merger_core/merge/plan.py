@@ -80,6 +80,8 @@ class MergePlan:
     key_weights: Optional[Callable[[str], Optional[Sequence[float]]]] = None
     key_delta: Optional[Callable[[str], Optional[object]]] = None
     recipe: Dict[str, object] = field(default_factory=dict)  # extra recipe facts for the metadata
+    # how to build this plan again (`model-merger verify`): {"planner": name, "args": {...}}, inputs by index
+    replay: Optional[Dict[str, object]] = None
     # the inputs' headers where a planner (cross-merge) has read them already, in input order: read once per merge
     threads: int = 0  # merge workers on the CPU (0: $MODEL_MERGER_THREADS, else the CPUs available less one); bytes never depend on it
     headers: Optional[List[SafetensorsHeader]] = field(default=None, repr=False, compare=False)
@@ -317,4 +319,19 @@ def plan_from_manifest(manifest, *, check_files: bool = True, **overrides) -> Me
         title=m.title,
         nonfinite=m.nonfinite,
         recipe=recipe,
+        replay={"planner": "manifest", "args": _replay_manifest(m, method, offset)},
     )
+
+
+def _replay_manifest(m, method, offset: int) -> Dict[str, object]:
+    """The manifest as `model-merger verify` rebuilds it: model paths replaced by input indexes."""
+    from ..manifest.parse import manifest_to_dict
+
+    doc = manifest_to_dict(m)
+    doc.pop("notes", None)
+    doc["models"] = [{"path": k + offset, "weight": e["weight"]} for k, e in enumerate(doc.get("models", []))]
+    if offset:
+        doc["base"] = 0
+    elif "base" in doc:
+        doc.pop("base")
+    return doc

@@ -42,6 +42,7 @@ from ..io.writer import HASH_METADATA_KEY, HASH_PLACEHOLDER, StreamingWriter
 from .device import resolve_device
 from .metadata import build_metadata
 from .plan import KeyJob, MergePlan, PreparedMerge, prepare
+from .provenance import InputHashes
 from .sinks import DictSink, FileSink
 
 CHUNK_ELEMENTS = 1 << 20  # fp32 accumulator chunk on the CPU: 4 MiB
@@ -71,6 +72,7 @@ class MergeResult:
     notes: List[str]
     structure: str = "unknown"  # what the first input is, in words (Analyze Structure)
     swept: List[str] = field(default_factory=list)  # stale temporary files of the target removed before writing
+    inputs: List[Dict[str, object]] = field(default_factory=list)  # each input's name, path, size and hashes
 
 
 ProgressFn = Callable[[ProgressInfo], None]
@@ -551,12 +553,19 @@ def merge_to_file(
     extra_metadata: Optional[Dict[str, str]] = None,
     prepared: Optional[PreparedMerge] = None,
     opener=None,
+    input_hashes: bool = True,
+    cache=None,
 ) -> MergeResult:
-    """Merge to a safetensors file (temporary file, fsync, rename). Nothing is left behind on failure."""
+    """Merge to a safetensors file (temporary file, fsync, rename). Nothing is left behind on failure.
+
+    ``input_hashes`` records each input's SHA-256 and AutoV2 in the recipe: from the hash cache (``cache``, default
+    the user's) where it knows them, else computed in this run alongside the merge and stored in the cache. With
+    False, inputs the cache does not know are recorded without a hash."""
     output = os.path.abspath(os.fspath(output))
     prep = prepared or prepare(plan)
     resolve_device(plan.device)
-    metadata = build_metadata(prep, output)
+    identities = InputHashes(plan, prep.headers, enabled=input_hashes, cache=cache)
+    metadata = build_metadata(prep, output, identities)
     metadata[HASH_METADATA_KEY] = HASH_PLACEHOLDER
     if extra_metadata:
         metadata.update(extra_metadata)
@@ -568,19 +577,35 @@ def merge_to_file(
         handles = open_inputs(stack, prep.headers)
         with writer:
             sink = FileSink(writer, chunk_bytes)
+            identities.start()
             try:
                 runner = _Runner(prep, sink, progress, cancel)
                 runner.run(handles)
             except BaseException:
+                identities.abort()
                 sink.abort()
                 raise
-            sink.finish()
+            try:
+                sink.finish()
+                writer.fill(identities.finish(prep.headers))
+            except BaseException:
+                identities.abort()
+                raise
             check_unchanged(prep.headers, "at the end")  # before the rename: a rewritten input gives no output
     metadata[HASH_METADATA_KEY] = "0x" + writer.sha256
     return MergeResult(
-        output, len(prep.jobs), writer.total_bytes, time.monotonic() - t0, writer.sha256, prep.architecture, metadata,
-        list(prep.notes) + runner.nonfinite_notes(), prep.structure, list(writer.swept),
+        output, len(prep.jobs), writer.total_bytes, time.monotonic() - t0, writer.sha256, prep.architecture,
+        _filled(metadata, identities), list(prep.notes) + identities.notes + runner.nonfinite_notes(), prep.structure,
+        list(writer.swept), [dataclasses.asdict(x) for x in identities.inputs],
     )
+
+
+def _filled(metadata: Dict[str, str], identities) -> Dict[str, str]:
+    """The metadata as written: placeholders replaced by the hashes computed in the run."""
+    out = dict(metadata)
+    for old, new in identities.fills.items():
+        out = {k: v.replace(old, new) for k, v in out.items()}
+    return out
 
 
 def merge_to_state_dict(

@@ -52,9 +52,12 @@ def plan_difference(
         hook = key_params_hook(arch, {"alpha": alpha_blocks}, m)
         recipe["alpha_blocks"] = parse_blocks(alpha_blocks, arch)
     inputs = [MergeInput(os.fspath(p), 1.0) for p in (a, b, c)]
+    replay = {"planner": "difference", "args": {"method": method, "a": 0, "b": 1, "c": 2, "alpha": float(alpha),
+                                                  "alpha_blocks": alpha_blocks if alpha_blocks != "" else None,
+                                                  "dtype": dtype, "device": device, "title": title}}
     return MergePlan(
         inputs, method=method, params=params, normalize=False, dtype=dtype, device=device, title=title,
-        key_params=hook, recipe=recipe,
+        key_params=hook, recipe=recipe, replay=replay,
     )
 
 
