@@ -11,11 +11,12 @@ from ..merger_core.merge import runner as engine
 from ..merger_core.merge.plan import plan_from_manifest
 from ..merger_core.merge.device import available_devices
 from ..merger_core.errors import ManifestError, MergeCancelled, ModelMergerError
+from ..merger_core.manifest.model import DTYPES as _DTYPES
 from . import _host as host
 from .manifest_nodes import check_manifest_paths
 
 OUTPUT_MODES = ["graph", "disk", "both"]
-DTYPES = ["fp16", "bf16", "fp32", "keep"]
+DTYPES = list(_DTYPES)
 DEFAULT_PREFIX = "checkpoints/merged"
 
 

@@ -5,6 +5,7 @@ checked against float64 computations written here."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def test_eight_byte_tensors_larger_than_a_chunk_merge_to_file(tmp_path, dtype, e
 import struct  # noqa: E402
 
 from merger_core.arch.detect import detect  # noqa: E402
-from merger_core.errors import BadFileError, IncompatibleModelsError  # noqa: E402
+from merger_core.errors import BadFileError, IncompatibleModelsError, ManifestError  # noqa: E402
 from merger_core.io.safetensors import read_header  # noqa: E402
 from merger_core.report.text import render_detection, render_detections  # noqa: E402
 
@@ -268,3 +269,52 @@ def test_compatibility_preflight_compares_a_scaled_fp8_model_by_its_weights(tmp_
     nf4 = write_bnb(tmp_path / "model-nf4.safetensors", "nf4")
     rep = check_compatibility([b, nf4])
     assert rep.verdict == "incompatible" and any("NF4" in p for p in rep.problems), rep.problems
+
+
+# ------------------------------------------------------------------------------------------ scaled fp8 output
+
+
+def test_fp8_scaled_output_requantizes_the_merged_linear_weights(tmp_path):
+    """dtype fp8_scaled: each diffusion-model linear weight becomes e4m3fn codes with scale = max|w|/448 of the merged
+    fp32 values; other floats are bf16; the marker is there; and the file dequantizes back within fp8 rounding."""
+    s, s_vals = write_scaled_fp8(tmp_path / "scaled.safetensors")
+    b = helpers.write_model(tmp_path / "plain.safetensors", seed=8)
+    b_vals = {k: v.to(torch.float64) for k, v in load_file(b).items()}
+    out = tmp_path / "out.safetensors"
+    res = merge_to_file(helpers.plan_for([s, b], [0.25, 0.75], dtype="fp8_scaled"), out)
+    got = load_file(str(out))
+    linear = set(linear_keys(helpers.small_layout()))
+    assert got[UNET + "scaled_fp8"].dtype == torch.float8_e4m3fn and got[UNET + "scaled_fp8"].shape == (2,)
+    assert any("fp8_scaled" in n for n in res.notes)
+    for k, v in got.items():
+        if k.endswith(".scale_weight") or k == UNET + "scaled_fp8":
+            continue
+        ref = ref_weighted([s_vals, b_vals], [0.25, 0.75], k) if v.is_floating_point() else None
+        if k in linear:
+            assert v.dtype == torch.float8_e4m3fn, k
+            scale = got[k[: -len("weight")] + "scale_weight"]
+            assert scale.dtype == torch.float32 and scale.shape == ()
+            assert float(scale) == pytest.approx(float(ref.abs().max()) / 448.0, rel=1e-6)
+            deq = v.to(torch.float64) * float(scale)
+            # e4m3fn keeps 3 mantissa bits: within half a step (1/16 relative) plus the subnormal floor
+            assert bool(((deq - ref).abs() <= ref.abs() / 16 + float(scale) * 2.0**-9 + 1e-12).all()), k
+        elif v.is_floating_point():
+            assert v.dtype == torch.bfloat16, k
+            assert_close_to(v, ref, "BF16", 2)
+    assert not [k for k in got if k.endswith(".scale_input")]
+    # our own reader sees a scaled fp8 checkpoint again: merging it with itself gives its dequantized values
+    again = tmp_path / "again.safetensors"
+    merge_to_file(helpers.plan_for([str(out), str(out)], dtype="fp32"), again)
+    back = load_file(str(again))
+    k = sorted(linear)[0]
+    assert torch.equal(back[k], got[k].float() * got[k[: -len("weight")] + "scale_weight"])
+
+
+def test_fp8_scaled_output_is_refused_without_a_diffusion_model(tmp_path):
+    layout = {"cond_stage_model.transformer.text_model.final_layer_norm.weight": ("F16", (8,)),
+              "first_stage_model.decoder.conv_out.weight": ("F16", (3, 8, 3, 3))}
+    a = helpers.write_model(tmp_path / "a.safetensors", layout=layout)
+    b = helpers.write_model(tmp_path / "b.safetensors", layout=layout, seed=3)
+    with pytest.raises(ManifestError, match="fp8_scaled"):
+        merge_to_file(helpers.plan_for([a, b], dtype="fp8_scaled"), tmp_path / "out.safetensors")
+    assert not os.path.exists(tmp_path / "out.safetensors")

@@ -242,7 +242,7 @@ def test_unknown_top_level_key(folder):
         load_text(d, two({"dtpye": "fp16"}))
     assert problems_of(e) == [
         "dtpye: unknown key (did you mean 'dtype'?); allowed keys: version, method, normalize, dtype, device, params,"
-        " base, title, seed, allow_missing, nonfinite, notes, models"
+        " base, title, seed, allow_missing, nonfinite, key_layout, notes, models"
     ]
 
 
@@ -382,7 +382,7 @@ def test_bad_dtype(folder, dtype):
     d, _ = folder
     with pytest.raises(ManifestValidationError) as e:
         load_text(d, two({"dtype": dtype}))
-    assert problems_of(e) == [f"dtype: {json.dumps(dtype)} is not one of fp16, bf16, fp32, keep"]
+    assert problems_of(e) == [f"dtype: {json.dumps(dtype)} is not one of fp16, bf16, fp32, keep, fp8_scaled"]
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "CUDA", "cuda:0 ", "mps:0", "cpu,cuda"])

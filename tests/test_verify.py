@@ -55,6 +55,7 @@ CASES = {
     "train_difference_blocks": lambda p, o: merge_to_file(
         plan_difference("train_difference", *p, alpha=1.0, alpha_blocks="*=0.5,OUT=1"), o),
     "plan": lambda p, o: merge_to_file(helpers.plan_for(p, [1, 2, 3], nonfinite="clamp"), o),
+    "fp8_scaled": lambda p, o: manifest_merge(p, o, dtype="fp8_scaled"),
 }
 
 

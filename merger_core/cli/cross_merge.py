@@ -10,6 +10,7 @@ from ..merge.plan import prepare
 from ..errors import ManifestError
 from ..units import human_bytes
 from ._options import add_input_hashes_option
+from ..manifest.model import DTYPES
 from ._signals import signals_of
 from ._progress import ProgressBar
 
@@ -45,7 +46,7 @@ def add_arguments(p) -> None:
     p.add_argument("--text-encoder", default="delta", metavar="CHOICE", help="delta (default), base, or model:K (1-based)")
     p.add_argument("--te", action="append", default=[], metavar="NAME=CHOICE", help="one text encoder's choice, e.g. clip_g=base (repeatable)")
     p.add_argument("--vae", default="base", metavar="CHOICE", help="base (default), delta, or model:K")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32", "keep"], default="fp16")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--title", default=None)
     p.add_argument("--overwrite", action="store_true")

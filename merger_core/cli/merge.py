@@ -7,6 +7,7 @@ import sys
 
 from ..errors import IncompatibleModelsError, ModelMergerError
 from ..units import human_bytes
+from ..manifest.model import DTYPES
 from ._options import add_input_hashes_option
 from ._signals import signals_of
 from ._progress import DEFAULT_NOTIFY_AFTER, ProgressBar, RunNotifier
@@ -27,7 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
     p.add_argument("--device", default=None,
                    help="where to compute: cpu, cuda, cuda:N, mps or auto (default: the manifest's, else cpu)")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32", "keep"], default=None,
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="output dtype; keep = each tensor's dtype in the first model (default: the manifest's, else fp16)")
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     p.add_argument("--allow-missing", action="store_true",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..manifest.model import DTYPES
+
 import os
 import sys
 from typing import Dict, List, Optional, Union
@@ -34,7 +36,7 @@ def add_arguments(p) -> None:
                    help="weights, one per match in the listed order (0.5 0.3 0.2 or 0.5,0.3,0.2), or by file "
                         "name (a.safetensors=2 b.safetensors=1; unnamed models get 1); default: equal weights")
     p.add_argument("--method", default=None, help="merge method written into the manifest (default: weighted_sum)")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32", "keep"], default=None,
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="output dtype written into the manifest (default: fp16)")
     p.add_argument("--device", default=None, help="device written into the manifest (default: cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing manifest file")

@@ -9,6 +9,7 @@ from ..merge.plan import prepare
 from ..merge.train import plan_difference
 from ..units import human_bytes
 from ._options import add_input_hashes_option
+from ..manifest.model import DTYPES
 from ._signals import signals_of
 from ._progress import ProgressBar
 
@@ -30,7 +31,7 @@ def add_arguments(p) -> None:
     p.add_argument("--alpha", type=float, default=1.0, help="strength (default 1.0; range -2..3)")
     p.add_argument("--alpha-blocks", default=None, metavar="SPEC", help="alpha per block (preset, list or NAME=value pairs)")
     p.add_argument("--method", choices=["train_difference", "add_difference"], default="train_difference")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32", "keep"], default="fp16")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--title", default=None)
     p.add_argument("--overwrite", action="store_true")

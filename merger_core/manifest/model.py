@@ -15,7 +15,7 @@ from ..errors import ManifestError
 MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MODEL_EXTENSION = ".safetensors"
-DTYPES = ("fp16", "bf16", "fp32", "keep")
+DTYPES = ("fp16", "bf16", "fp32", "keep", "fp8_scaled")  # fp8_scaled: ComfyUI's scaled fp8 (docs/formats.md)
 
 # order of keys in a saved manifest
 _TOP_KEYS = ("version", "method", "normalize", "dtype", "device", "params", "base", "title", "seed", "allow_missing", "nonfinite", "notes", "models")

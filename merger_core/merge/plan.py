@@ -31,7 +31,8 @@ from ..io.safetensors import DTYPE_SIZES, MARKER_KEYS, SafetensorsHeader, dtype_
 from ..io.writer import OutTensor
 from ..report.text import render_compat
 
-OUTPUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32", "keep": None}
+OUTPUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32", "keep": None,
+                 "fp8_scaled": "BF16"}  # fp8_scaled: ComfyUI's scaled fp8 for the linear weights (merge/quantize.py)
 # What a merge does with a key whose merged values are NaN or Inf or do not fit the output dtype: stop naming the
 # key and the inputs that hold such values, write them as they are and list the keys in the notes, or clamp them
 # to the output dtype's range (NaN becomes 0) and list the keys.

@@ -43,6 +43,7 @@ from .device import resolve_device
 from .metadata import build_metadata
 from .plan import KeyJob, MergePlan, PreparedMerge, prepare
 from .provenance import InputHashes
+from .quantize import FP8_MAX as QUANT_MAX, plan_fp8_output
 from .sinks import DictSink, FileSink
 
 CHUNK_ELEMENTS = 1 << 20  # fp32 accumulator chunk on the CPU: 4 MiB
@@ -100,6 +101,9 @@ class _Runner:
         self.nonfinite = self.plan.nonfinite
         self.scales: Dict[int, float] = {}  # the current key's scaled fp8 inputs -> their scale
         self.delta = None  # what the plan adds to the current key's merged values (baked LoRAs), or None
+        self.quant = getattr(prep, "quant", None)  # a scaled fp8 output's keys (merge/quantize.py), or None
+        self.jobs_by_name = {j.name: j for j in prep.jobs} if self.quant is not None else {}
+        self._held = None  # (weight key, its merged fp32 values, its scale) between a scale and its codes
         self.flagged: Dict[str, List[int]] = {}  # key -> [NaN, Inf, beyond the output range] (warn, clamp)
         self._flagged_dtype: Dict[str, str] = {}
         self._limits: Dict[str, float] = {}
@@ -172,12 +176,10 @@ class _Runner:
                 # scaled fp8 inputs: the value is code * scale (one float per layer)
                 self.scales = {i: _scalar(handles[i].get_tensor(name)) for i, name in job.scales.items() if i in views}
                 self.sink.begin_key(job)
-                if job.copy_from is not None:
-                    self.copy_key(job, views[job.copy_from])
-                elif prep.method.kind == "linear":
-                    self.linear_key(job, views)
+                if self.quant is not None and self.quant_key(job, views):
+                    pass  # a scaled fp8 output's marker, scale or codes
                 else:
-                    self.tensor_key(job, views)
+                    self.merge_key(job, views)
                 self.sink.end_key(job)
                 self.unmapper.release(views.values())
                 del views
@@ -191,6 +193,60 @@ class _Runner:
                 self.pool = None
             limit.__exit__(None, None, None)
             self.torch.set_num_threads(threads)
+
+    def merge_key(self, job: KeyJob, views) -> None:
+        if job.copy_from is not None:
+            self.copy_key(job, views[job.copy_from])
+        elif self.prep.method.kind == "linear":
+            self.linear_key(job, views)
+        else:
+            self.tensor_key(job, views)
+
+    # -- a scaled fp8 output (merge/quantize.py) -----------------------------------------------------------------
+    def quant_key(self, job: KeyJob, views) -> bool:
+        """Write ``job`` if it is part of a scaled fp8 output (marker, scale, codes); False for any other key."""
+        torch = self.torch
+        q = self.quant
+        if job.name == q.marker:
+            self.emit_host(job, torch.zeros(job.numel, dtype=torch_dtype(job.out_dtype)))
+            return True
+        if job.name in q.scale_of:
+            weight = self.jobs_by_name[q.scale_of[job.name]]
+            values = self.merged_fp32(weight, views)
+            scale = values.abs().amax() / QUANT_MAX if values.numel() else torch.zeros((), dtype=torch.float32)
+            if not float(scale) > 0.0:
+                scale = torch.ones((), dtype=torch.float32)
+            self._held = (weight.name, values, scale)
+            self.emit_host(job, scale.reshape(1).to(torch.float32))
+            return True
+        if job.name in q.weights:
+            held = self._held
+            if held is not None and held[0] == job.name:
+                _, values, scale = held
+            else:  # not reached through its scale (never in sorted order): merge it here
+                values = self.merged_fp32(job, views)
+                scale = values.abs().amax() / QUANT_MAX
+                scale = scale if float(scale) > 0.0 else torch.ones((), dtype=torch.float32)
+            self._held = None
+            codes = (values / scale).clamp_(-QUANT_MAX, QUANT_MAX).to(torch_dtype(job.out_dtype))
+            self.emit_host(job, codes)
+            return True
+        return False
+
+    def merged_fp32(self, job: KeyJob, views):
+        """The merged values of ``job`` in fp32 (checked like any output), as one flat CPU tensor."""
+        fjob = dataclasses.replace(job, out_dtype="F32")
+        sink, self.sink = self.sink, DictSink()
+        delta = self.delta
+        self.delta = self.plan.key_delta(job.name) if self.plan.key_delta is not None else None
+        try:
+            self.sink.begin_key(fjob)
+            self.merge_key(fjob, views)
+            self.sink.end_key(fjob)
+            return self.sink.out[job.name].reshape(-1)
+        finally:
+            self.sink = sink
+            self.delta = delta
 
     # -- emitting results --------------------------------------------------------------------------------------
     def emit_cpu(self, job: KeyJob, produce: Callable[[int, int, object], None]) -> None:
@@ -563,6 +619,7 @@ def merge_to_file(
     False, inputs the cache does not know are recorded without a hash."""
     output = os.path.abspath(os.fspath(output))
     prep = prepared or prepare(plan)
+    plan_fp8_output(prep)
     resolve_device(plan.device)
     identities = InputHashes(plan, prep.headers, enabled=input_hashes, cache=cache)
     metadata = build_metadata(prep, output, identities)
@@ -617,6 +674,7 @@ def merge_to_state_dict(
 ) -> Tuple[Dict[str, object], MergeResult]:
     """Merge into a dict of CPU tensors (for loading straight into ComfyUI). Peak memory: one merged model."""
     prep = prepared or prepare(plan)
+    plan_fp8_output(prep)
     t0 = time.monotonic()
     sink = DictSink()
     with ExitStack() as stack:

@@ -28,6 +28,7 @@ from ..io.safetensors import SafetensorsHeader, read_header
 from ..io.writer import HASH_METADATA_KEY
 from .metadata import REPLAY_KEY
 from .plan import MergePlan, PreparedMerge, prepare
+from .quantize import plan_fp8_output
 
 PLANNERS = ("plan", "manifest", "cross_merge", "difference")
 SEARCH_DEPTH = 4  # folders below a search folder that are looked in
@@ -329,6 +330,7 @@ def verify_file(
     plan = rebuild_plan(rec, paths, device=device)
     plan.threads = threads
     prep = prepare(plan)
+    plan_fp8_output(prep)
     inputs = [{"name": x["name"], "path": p, "sha256": x["sha256"]} for x, p in zip(rec["inputs"], paths)]
     result = VerifyResult(path, False, len(header.tensors), 0, inputs=inputs, planner=rec["planner"], method=plan.method,
                           notes=list(prep.notes))
