@@ -122,7 +122,8 @@ def test_unet_only_against_checkpoint_compares_inside_the_component(tmp_path):
     b = _write(tmp_path, "bare", layout_from_fingerprint("flux_dev", prefix=""))
     rep = check_compatibility([a, b])
     assert rep.components["unet"].status == "same"
-    assert any("different prefixes" in n for n in rep.notes)
+    assert any("key layouts differ" in n for n in rep.notes)  # issue 12 item 7: compared by canonical name
+    assert rep.canonical and rep.keys.ok
 
 
 def test_dtype_mix_is_a_note_not_a_problem(tmp_path):
@@ -180,6 +181,6 @@ def test_prefix_difference_needs_a_choice_and_is_not_counted_twice(tmp_path):
     b = _write(tmp_path, "ckpt", layout_from_fingerprint("flux_dev"))
     one = check_compatibility([a, a]).estimates.output_bytes
     rep = check_compatibility([a, b])
-    assert rep.verdict == "ok_with_options"
-    assert any("same prefix" in o for o in rep.options)
+    assert rep.verdict == "ok"  # issue 12 item 7: bare and prefixed keys are merged by canonical name, no choice
+    assert not any("same prefix" in o for o in rep.options)
     assert rep.estimates.output_bytes == pytest.approx(one, rel=0.001)

@@ -23,8 +23,9 @@ from ..errors import IncompatibleModelsError
 from ..io.safetensors import DTYPE_SIZES, FLOAT_DTYPES, SafetensorsHeader, dtype_label, read_header
 from ..io.writer import FREE_DISK_MARGIN
 from ..units import human_bytes, mem_available
-from .detect import Detection, detect_header, merge_view
-from .fingerprints import get_fingerprint
+from .detect import Detection, canonical_names, detect_header, merge_view
+from .fingerprints import UNET_PREFIX, get_fingerprint
+from .keymap import KeyNames, canonical_view
 from .keys import KeyReport, compare_keys, compare_tensors
 
 SHOW = 5
@@ -76,6 +77,8 @@ class CompatReport:
     components: Dict[str, ComponentCompat] = field(default_factory=dict)
     estimates: Estimates = field(default_factory=Estimates)
     keys: Optional[KeyReport] = None  # the whole-file key and shape comparison (full key names)
+    key_names: List[KeyNames] = field(default_factory=list)  # each file's key layout and canonical names
+    canonical: bool = False  # True: ``keys`` compares canonical names (the files' key layouts differ)
 
     @property
     def ok(self) -> bool:
@@ -85,24 +88,38 @@ class CompatReport:
         d = asdict(self)
         d["detections"] = [x.to_dict() for x in self.detections]
         d.pop("keys", None)
+        d["key_names"] = [{"keymap": k.keymap, "layout": k.layout, "layout_name": k.layout_name, "namings": k.namings,
+                           "refusal": k.refusal} for k in self.key_names]
         return d
 
 
-def _component_keys(det: Detection, header) -> Dict[str, Dict[str, Tuple[str, Tuple[int, ...]]]]:
-    """component -> {key relative to the component's prefix: (dtype, shape)} for one file."""
+def layouts_differ(kns: Sequence[KeyNames]) -> bool:
+    """Whether files of one keymap name the same tensors differently (then they are compared by canonical name)."""
+    if len({k.keymap for k in kns}) != 1 or kns[0].keymap is None:
+        return False
+    shared = set.intersection(*(set(k.namings) for k in kns))
+    if any(len({k.namings[c] for k in kns}) > 1 for c in shared):
+        return True
+    return any(k.renamed for k in kns) and not all(k.renamed for k in kns)
+
+
+def _component_keys(det: Detection, header, prefix: Optional[str] = None) -> Dict[str, Dict[str, Tuple[str, Tuple[int, ...]]]]:
+    """component -> {key relative to the component's prefix: (dtype, shape)} for one file (``prefix``: the
+    diffusion model's prefix in ``header``, default the detected one)."""
     out: Dict[str, Dict[str, Tuple[str, Tuple[int, ...]]]] = {}
     if not det.known:
         out["all keys"] = {k: (t.dtype, t.shape) for k, t in header.tensors.items()}
         return out
     fp = get_fingerprint(det.arch_id)
     markers = set(det.markers)
+    unet_prefix = det.unet_prefix or "" if prefix is None else prefix
     for k, t in header.tensors.items():
-        comp = fp.component_of(k, det.unet_prefix or "")
+        comp = fp.component_of(k, unet_prefix)
         if comp is None:
             comp = "markers" if k in markers else "other keys"
             rel = k
         elif comp == "unet":
-            rel = k[len(det.unet_prefix or ""):]
+            rel = k[len(unet_prefix):]
         else:
             rel = next(k[len(p):] for p in fp.components[comp].prefixes if k.startswith(p))
         out.setdefault(comp, {})[rel] = (t.dtype, t.shape)
@@ -126,13 +143,23 @@ def check_headers(
     output_path: Optional[str | os.PathLike] = None,
     out_dtype: str = "keep",
     names: Optional[Sequence[str]] = None,
+    canonical: Optional[bool] = None,
 ) -> CompatReport:
-    """:func:`check_compatibility` for headers already read; ``names`` label the files (default: unique basenames)."""
+    """:func:`check_compatibility` for headers already read; ``names`` label the files (default: unique basenames).
+
+    Files of one architecture whose key layouts differ (a bare BFL Flux file and a ComfyUI checkpoint, diffusers
+    UNet names and LDM names) are compared by their canonical names (:mod:`.keymap`); ``canonical=True`` compares
+    canonical names even where the layouts agree."""
     paths = [h.path for h in headers]
-    dets = [detect_header(h) for h in headers]
+    kns = [canonical_names(h) for h in headers]
+    dets = [detect_header(h, key_names=kn) for h, kn in zip(headers, kns)]
     headers = [merge_view(h) for h in headers]  # keys compared as the merge sees them (no scaled fp8 scales)
+    views = [canonical_view(h, kn) for h, kn in zip(headers, kns)]
+    same_map = len({k.keymap for k in kns}) == 1 and kns[0].keymap is not None
+    use_canonical = same_map and (layouts_differ(kns) if canonical is None else canonical)
     names = list(names) if names is not None else _unique_names(paths)
-    rep = CompatReport(files=names, detections=dets, keys=compare_keys(headers, names))
+    rep = CompatReport(files=names, detections=dets, keys=compare_keys(views if use_canonical else headers, names),
+                       key_names=kns, canonical=use_canonical)
     if len(paths) < 2:
         rep.notes.append("only one file: nothing to compare")
 
@@ -150,7 +177,12 @@ def check_headers(
             + "; their diffusion models cannot be merged"
         )
     prefixes = {d.unet_prefix for _, d in known}
-    prefix_differs = len(prefixes) > 1 and len(fams) == 1
+    prefix_differs = len(prefixes) > 1 and len(fams) == 1 and not same_map
+    if same_map and len({k.layout for k in kns}) > 1:
+        rep.notes.append(
+            "key layouts differ: " + ", ".join(f"{names[i]}: {k.layout_name}" for i, k in enumerate(kns))
+            + "; they are compared and merged by their canonical (ComfyUI checkpoint) names"
+        )
     if prefix_differs:
         rep.notes.append(
             "the diffusion model's keys use different prefixes: "
@@ -169,7 +201,8 @@ def check_headers(
         )
 
     # component level
-    per_file = [_component_keys(d, h) for d, h in zip(dets, headers)]
+    # components are read from the canonical names (a diffusers-named UNet is the unet component too)
+    per_file = [_component_keys(d, v, UNET_PREFIX if k.keymap else None) for d, v, k in zip(dets, views, kns)]
     comp_names: List[str] = []
     for pf in per_file:
         for c in pf:

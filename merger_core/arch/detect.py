@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 from ..io.safetensors import MARKER_KEYS, SafetensorsHeader, dtype_label, read_header
 from ..data import load_json
 from .fingerprints import UNET_PREFIX, Fingerprint, load_fingerprints, load_layouts
+from . import keymap as _keymap
 
 STANDARD_PREFIXES = (UNET_PREFIX, "")
 
@@ -156,6 +157,9 @@ class Detection:
     mergeable: bool = False
     refusal: str = ""
     quantization: Optional[str] = None  # scaled_fp8 | nf4 | fp4 | bnb_4bit (QUANTIZATION_NAMES), None: not quantized
+    # the key names' layout from the keymaps (arch/keymap.py): checkpoint | unet_only | bare | diffusers_unet | ...
+    keymap_layout: str = ""
+    keymap_layout_name: str = ""
 
     @property
     def known(self) -> bool:
@@ -323,8 +327,40 @@ def detect(path: str | os.PathLike, read_probe: bool = True) -> Detection:
     return detect_header(header, read_probe=read_probe)
 
 
-def detect_header(header: SafetensorsHeader, read_probe: bool = True) -> Detection:
+def name_match_archs(tensors) -> List[str]:
+    """The architectures whose key names ``tensors`` have under ``model.diffusion_model.``: the one whose fingerprint
+    they match completely (names and shapes), else every one whose identifying key names and block counts are all
+    there (a model of non-standard widths)."""
+    full, _, names_match = _structural(tensors)
+    if full is not None:
+        return [full.fp.id] if full.prefix == UNET_PREFIX else []
+    return [m.fp.id for m in names_match if m.prefix == UNET_PREFIX]
+
+
+def canonical_names(header: SafetensorsHeader) -> "_keymap.KeyNames":
+    """The key layout of ``header`` and ``{file key: canonical key}`` (:func:`.keymap.canonical_names` with this
+    detector's structural matcher). Scaled fp8 scale keys are left out first (:func:`merge_view`)."""
+    return _keymap.canonical_names(merge_view(header), name_match_archs)
+
+
+def detect_header(header: SafetensorsHeader, read_probe: bool = True,
+                  key_names: Optional["_keymap.KeyNames"] = None) -> Detection:
+    """:func:`detect` for a header already read; ``key_names`` is its :func:`canonical_names` where known."""
+    kn = key_names if key_names is not None else canonical_names(header)
     det = _detect_structure(header, read_probe)
+    if kn.keymap is not None and kn.renamed and not (det.known and det.unet_prefix in STANDARD_PREFIXES):
+        # keys in another naming (diffusers UNet names, ...): the structure is that of the canonical names
+        view = _keymap.canonical_view(header, kn)
+        det = _detect_structure(view, read_probe)
+        det.layout = kn.layout
+        det.layout_name = kn.layout_name
+        det.evidence.insert(0, f"key names: {kn.layout_name}; read under their ComfyUI checkpoint names")
+    if kn.keymap is not None:
+        det.keymap_layout, det.keymap_layout_name = kn.layout, kn.layout_name
+    if kn.refusal:
+        det.mergeable = False
+        det.refusal = kn.refusal
+        det.evidence.append(kn.refusal)
     _quantization(det, header.tensors)
     return det
 

@@ -37,6 +37,10 @@ def add_arguments(p) -> None:
                    help="a key whose merged values are NaN/Inf or do not fit the output dtype: error stops naming the key "
                         "and the inputs that hold them, warn writes them as they are, clamp clamps them to the output "
                         "dtype's range (NaN becomes 0); warn and clamp list the keys (default: the manifest's, else error)")
+    p.add_argument("--key-layout", default=None, metavar="LAYOUT",
+                   help="key names of the output: first = the first model's layout (default: the manifest's, else first), "
+                        "checkpoint (ComfyUI/LDM names), unet_only, bare (diffusion model without prefix), diffusers_unet, "
+                        "diffusers; inputs whose layouts differ are merged by canonical name (docs/formats.md)")
     p.add_argument("--notify", action="store_true",
                    help="desktop notification (or terminal bell) when a long run ends; needs model-merger[notify]")
     p.add_argument("--notify-after", type=float, default=DEFAULT_NOTIFY_AFTER, metavar="SECONDS",
@@ -69,6 +73,8 @@ def run(args) -> int:
             overrides["allow_missing"] = True
         if args.nonfinite is not None:
             overrides["nonfinite"] = args.nonfinite
+        if args.key_layout is not None:
+            overrides["key_layout"] = args.key_layout
         plan = plan_from_manifest(manifest, **overrides)
         plan.threads = max(0, args.threads)
         try:

@@ -18,7 +18,7 @@ MODEL_EXTENSION = ".safetensors"
 DTYPES = ("fp16", "bf16", "fp32", "keep", "fp8_scaled")  # fp8_scaled: ComfyUI's scaled fp8 (docs/formats.md)
 
 # order of keys in a saved manifest
-_TOP_KEYS = ("version", "method", "normalize", "dtype", "device", "params", "base", "title", "seed", "allow_missing", "nonfinite", "notes", "models")
+_TOP_KEYS = ("version", "method", "normalize", "dtype", "device", "params", "base", "title", "seed", "allow_missing", "nonfinite", "key_layout", "notes", "models")
 _ENTRY_KEYS = ("path", "weight", "sha256", "notes", "civitai")
 
 
@@ -56,6 +56,7 @@ class Manifest:
     seed: int = 0
     allow_missing: bool = False
     nonfinite: str = "error"
+    key_layout: Optional[str] = None  # output key layout: None/"first" (the first model's) or a layout id
     notes: Optional[str] = None
     path: Optional[str] = field(default=None, compare=False)
 

@@ -176,6 +176,7 @@ def manifest_from_dict(
         seed=data.get("seed", 0),
         allow_missing=data.get("allow_missing", False),
         nonfinite=data.get("nonfinite", "error"),
+        key_layout=data.get("key_layout"),
         notes=data.get("notes"),
         path=path,
     )
@@ -231,6 +232,8 @@ def manifest_to_dict(manifest: Manifest, relative_to: Optional[str] = None) -> D
         d["allow_missing"] = manifest.allow_missing
     if manifest.nonfinite != "error":
         d["nonfinite"] = manifest.nonfinite
+    if manifest.key_layout not in (None, "first"):
+        d["key_layout"] = manifest.key_layout
     if manifest.notes is not None:
         d["notes"] = manifest.notes
     models = []
