@@ -13,6 +13,7 @@ from ._options import add_input_hashes_option
 from ..manifest.model import DTYPES
 from ._signals import signals_of
 from ._progress import ProgressBar
+from .extract_lora import fraction, positive_int
 
 NAME = "cross-merge"
 HELP = "merge models of different lineages over their common base: base + L * combine(M_i - base)"
@@ -53,6 +54,14 @@ def add_arguments(p) -> None:
     p.add_argument("--dry-run", action="store_true", help="check and print the plan; read no weights, write nothing")
     p.add_argument("--no-progress", action="store_true")
     add_input_hashes_option(p)
+    p.add_argument("--to-lora", action="store_true",
+                   help="write base + L * combine(...) minus the base as a kohya-format LoRA (truncated SVD per key, merged "
+                        "in fp32) instead of the checkpoint; needs --rank")
+    p.add_argument("--rank", type=positive_int, default=None, metavar="R", help="--to-lora: rank of linear modules (max rank with --energy)")
+    p.add_argument("--conv-rank", type=positive_int, default=None, metavar="R2", help="--to-lora: rank of 3x3 convs (default: no 3x3 convs)")
+    p.add_argument("--energy", type=fraction, default=None, metavar="F",
+                   help="--to-lora: per module, the smallest rank keeping this fraction of the squared singular values")
+    p.add_argument("--lora-dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="--to-lora: dtype of the LoRA's factors")
     p.add_argument("--threads", type=int, default=0, metavar="K",
                    help="merge workers on the CPU (default: $MODEL_MERGER_THREADS, else one less than the CPUs this process may use); "
                         "the output is the same for every K")
@@ -87,12 +96,32 @@ def request_from_args(args) -> CrossMergeRequest:
 def run(args) -> int:
     if not args.dry_run and not args.output:
         raise ManifestError("cross-merge needs -o OUTPUT (or --dry-run)")
+    to_lora = getattr(args, "to_lora", False)
+    if to_lora and getattr(args, "rank", None) is None:
+        raise ManifestError("cross-merge --to-lora needs --rank R (and optionally --conv-rank R2 or --energy F)")
+    if not to_lora and any(getattr(args, a, None) is not None for a in ("rank", "conv_rank", "energy")):
+        raise ManifestError("--rank, --conv-rank and --energy go with --to-lora")
     cp = plan_cross_merge(request_from_args(args))
     cp.plan.threads = max(0, getattr(args, "threads", 0))
     prep = prepare(cp.plan)
     print(cp.describe(), file=sys.stderr)
     if args.dry_run:
-        print(f"dry run: would write {human_bytes(prep.output_bytes)} ({len(prep.jobs)} tensors)")
+        print(f"dry run: would write {human_bytes(prep.output_bytes)} ({len(prep.jobs)} tensors)"
+              + (" as a checkpoint; with --to-lora only the LoRA" if to_lora else ""))
+        return 0
+    if to_lora:
+        from ..merge.lora_sink import merge_to_lora
+
+        with ProgressBar("cross-merge --to-lora", enabled=not args.no_progress) as bar:
+            with signals_of(args).polling():
+                lr = merge_to_lora(cp.plan, args.output, args.rank, args.conv_rank, args.energy, dtype=args.lora_dtype,
+                                   overwrite=args.overwrite, progress=bar, cancel=signals_of(args))
+        for note in lr.notes:
+            print(f"note: {note}", file=sys.stderr)
+        for line in lr.summary_lines():
+            print(line)
+        print(f"wrote {lr.output} ({human_bytes(lr.extract.output_bytes)}, {len(lr.extract.modules)} modules, "
+              f"{lr.seconds:.1f} s)")
         return 0
     with ProgressBar("cross-merge", enabled=not args.no_progress) as bar:
         with signals_of(args).polling():
