@@ -242,7 +242,7 @@ def test_unknown_top_level_key(folder):
         load_text(d, two({"dtpye": "fp16"}))
     assert problems_of(e) == [
         "dtpye: unknown key (did you mean 'dtype'?); allowed keys: version, method, normalize, dtype, device, params,"
-        " base, title, seed, allow_missing, nonfinite, key_layout, notes, models"
+        " base, title, seed, allow_missing, nonfinite, key_layout, notes, models, loras"
     ]
 
 

@@ -20,7 +20,7 @@ import sys
 from typing import List, Optional, Sequence
 
 CHILD_ENV = "MODEL_MERGER_SUPERVISED"
-WRITING = {"merge", "cross-merge", "train-diff", "demo"}
+WRITING = {"merge", "cross-merge", "train-diff", "demo", "extract-lora", "merge-loras", "verify"}
 FORWARDED = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 CRASHES = {

@@ -18,7 +18,7 @@ MODEL_EXTENSION = ".safetensors"
 DTYPES = ("fp16", "bf16", "fp32", "keep", "fp8_scaled")  # fp8_scaled: ComfyUI's scaled fp8 (docs/formats.md)
 
 # order of keys in a saved manifest
-_TOP_KEYS = ("version", "method", "normalize", "dtype", "device", "params", "base", "title", "seed", "allow_missing", "nonfinite", "key_layout", "notes", "models")
+_TOP_KEYS = ("version", "method", "normalize", "dtype", "device", "params", "base", "title", "seed", "allow_missing", "nonfinite", "key_layout", "notes", "models", "loras")
 _ENTRY_KEYS = ("path", "weight", "sha256", "notes", "civitai")
 
 
@@ -42,6 +42,21 @@ class ManifestEntry:
 
 
 @dataclass
+class LoraEntry:
+    """A LoRA baked into the merge: ``strength_model`` scales its diffusion-model deltas, ``strength_clip`` its
+    text-encoder deltas (as ComfyUI's LoraLoader does)."""
+
+    path: str
+    strength_model: float = 1.0
+    strength_clip: float = 1.0
+    sha256: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+@dataclass
 class Manifest:
     """A merge recipe. ``path`` is where it was loaded from or saved to (not part of equality)."""
 
@@ -57,6 +72,7 @@ class Manifest:
     allow_missing: bool = False
     nonfinite: str = "error"
     key_layout: Optional[str] = None  # output key layout: None/"first" (the first model's) or a layout id
+    loras: List[LoraEntry] = field(default_factory=list)  # LoRAs baked into the merged keys, in order
     notes: Optional[str] = None
     path: Optional[str] = field(default=None, compare=False)
 

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from ..errors import BadFileError, ManifestError, OutputError
 from ..io.files import open_regular
-from .model import MANIFEST_VERSION, MAX_MANIFEST_BYTES, MODEL_EXTENSION, Manifest, ManifestEntry, ManifestValidationError, Problem, _entry_label, _problem_order
+from .model import MANIFEST_VERSION, MAX_MANIFEST_BYTES, MODEL_EXTENSION, LoraEntry, Manifest, ManifestEntry, ManifestValidationError, Problem, _entry_label, _problem_order
 from .schema import _schema_problems
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,6 +179,11 @@ def manifest_from_dict(
         key_layout=data.get("key_layout"),
         notes=data.get("notes"),
         path=path,
+        loras=[
+            LoraEntry(path=_resolve(e["path"], folder), strength_model=float(e.get("strength_model", 1.0)),
+                      strength_clip=float(e.get("strength_clip", 1.0)), sha256=e.get("sha256"))
+            for e in data.get("loras") or []
+        ],
     )
 
 
@@ -247,6 +252,12 @@ def manifest_to_dict(manifest: Manifest, relative_to: Optional[str] = None) -> D
             m["civitai"] = e.civitai
         models.append(m)
     d["models"] = models
+    if manifest.loras:
+        d["loras"] = [
+            {"path": _write_path(e.path, relative_to), "strength_model": e.strength_model, "strength_clip": e.strength_clip,
+             **({"sha256": e.sha256} if e.sha256 is not None else {})}
+            for e in manifest.loras
+        ]
     return d
 
 

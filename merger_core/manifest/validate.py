@@ -68,10 +68,18 @@ def validate(manifest: Manifest, check_files: bool = True) -> None:
             Problem("", "models", "the weights sum to 0, so they cannot be normalised; give at least one model a weight above 0")
         )
 
+    # LoRAs: finite strengths
+    lora_labels = [f"loras[{i}] ({os.path.basename(e.path)})" for i, e in enumerate(manifest.loras)]
+    for label, e in zip(lora_labels, manifest.loras):
+        for fld in ("strength_model", "strength_clip"):
+            if not math.isfinite(getattr(e, fld)):
+                problems.append(Problem(label, fld, f"must be a finite number, got {getattr(e, fld)!r}"))
+
     # files
     files = [(label, e.path) for label, e in zip(labels, models)]
     if manifest.base is not None:
         files.append(("base", manifest.base))
+    files.extend(zip(lora_labels, (e.path for e in manifest.loras)))
     problems.extend(_file_problems(files, check_files))
     if problems:
         raise ManifestValidationError(sorted(problems, key=_problem_order), source)

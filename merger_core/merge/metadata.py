@@ -57,6 +57,21 @@ def build_metadata(prep, output_path: str, identities=None) -> Dict[str, str]:
     }
     for slot, h in zip(("primary_model_hash", "secondary_model_hash", "tertiary_model_hash"), hashes):
         recipe[slot] = h
+    loras = list(plan.loras or [])
+    if identities is not None:
+        lora_hashes = [identities.sha256_field(n + j) for j in range(len(loras))]
+        lora_av2 = [identities.autov2_field(n + j) for j in range(len(loras))]
+        lora_sizes = [x.size for x in identities.loras]
+    else:
+        lora_hashes = [l.sha256.lower() if l.sha256 else None for l in loras]
+        lora_av2 = [h[:10] if h else None for h in lora_hashes]
+        lora_sizes = [os.path.getsize(l.path) for l in loras]
+    if loras:
+        recipe["loras"] = [
+            {"name": l.display_name(), "sha256": h, "autov2": a, "strength_model": float(l.strength_model),
+             "strength_clip": float(l.strength_clip)}
+            for l, h, a in zip(loras, lora_hashes, lora_av2)
+        ]
     if plan.recipe:
         recipe.update(_jsonable(plan.recipe))
     # A1111/Forge's form: {sha256: {name, legacy_hash, sd_merge_recipe}} in input order, then what each input was
@@ -80,6 +95,12 @@ def build_metadata(prep, output_path: str, identities=None) -> Dict[str, str]:
     }
     if prep.params:
         manifest["params"] = _jsonable(prep.params)
+    if loras:
+        manifest["loras"] = [
+            {"path": l.display_name(), "strength_model": float(l.strength_model), "strength_clip": float(l.strength_clip),
+             **({"sha256": h} if h else {})}
+            for l, h in zip(loras, lora_hashes)
+        ]
     meta = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": prep.architecture,
@@ -91,12 +112,14 @@ def build_metadata(prep, output_path: str, identities=None) -> Dict[str, str]:
         "model_merger.manifest": json.dumps(manifest, sort_keys=True),
         "model_merger.version": __version__,
     }
-    replay = plan.replay or _plan_replay(plan)
+    given = getattr(prep, "given", None) or plan
+    replay = given.replay or _plan_replay(given)
     if replay:
         meta[REPLAY_KEY] = json.dumps({
             "version": 1,
             **_jsonable(replay),
             "inputs": [{"name": nm, "sha256": h, "size": sz} for nm, h, sz in zip(names, hashes, sizes)],
+            "loras": [{"name": l.display_name(), "sha256": h, "size": sz} for l, h, sz in zip(loras, lora_hashes, lora_sizes)],
         }, sort_keys=True)
     pred = _prediction_type(prep)
     if pred:
@@ -119,6 +142,9 @@ def _plan_replay(plan):
         "weights": [float(i.weight) for i in plan.inputs], "method": plan.method, "params": _jsonable(plan.params),
         "normalize": plan.normalize, "dtype": plan.dtype, "device": plan.device, "allow_missing": plan.allow_missing,
         "seed": plan.seed, "title": plan.title, "nonfinite": plan.nonfinite, "recipe": _jsonable(plan.recipe),
+        "key_layout": getattr(plan, "key_layout", None),
+        "loras": [{"path": j, "strength_model": float(l.strength_model), "strength_clip": float(l.strength_clip)}
+                  for j, l in enumerate(plan.loras or [])],
     }}
 
 

@@ -138,6 +138,8 @@ class PreparedMerge:
     notes: List[str] = field(default_factory=list)
     compat: Optional[CompatReport] = None  # per-component check and resource estimates
     lora_report: Optional[object] = None  # what baking the plan's LoRAs does (lora/delta.py LoraReport)
+    quant: Optional[object] = None  # a scaled fp8 output's keys (merge/quantize.py QuantPlan)
+    given: Optional[MergePlan] = None  # the plan prepare() was given (prep.plan may wrap its per-key hooks)
 
     @property
     def out_tensors(self) -> List[OutTensor]:
@@ -159,6 +161,7 @@ class PreparedMerge:
 def prepare(plan: MergePlan) -> PreparedMerge:
     """Check the plan and the inputs' keys and shapes; no weight is read. Each header is read once: the plan's
     ``headers`` are used where a planner has read them already."""
+    given = plan  # the plan as the caller made it (the prepared one may wrap its hooks)
     method = _methods.get_method(plan.method)
     method.check_inputs(len(plan.inputs))
     params = method.check_params(dict(plan.params))
@@ -295,7 +298,8 @@ def prepare(plan: MergePlan) -> PreparedMerge:
     structure = det.arch_name if det is not None else "unknown"
     to_canonical = {out_name[k]: k for k in all_keys if out_name[k] not in (None, k)} if canonical else {}
     plan, lora_report = attach_loras(plan, jobs, to_canonical, notes)
-    prep = PreparedMerge(plan, headers, jobs, method, params, report, arch, structure, notes, compat, lora_report)
+    prep = PreparedMerge(plan, headers, jobs, method, params, report, arch, structure, notes, compat, lora_report,
+                         given=given)
     plan_fp8_output(prep)
     return prep
 

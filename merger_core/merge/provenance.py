@@ -74,9 +74,17 @@ class InputHashes:
         self._stop = threading.Event()
         self._first_of: Dict[str, int] = {}
         self.fills: Dict[str, str] = {}  # placeholder -> value, once the run's hashes are known
-        for i, (inp, header) in enumerate(zip(plan.inputs, headers)):
-            real = os.path.realpath(inp.path)
-            ident = InputIdentity(inp.display_name(), real, header.file_size, claimed=normalize_sha256(inp.sha256))
+        entries = [(inp.display_name(), inp.path, header.file_size, inp.sha256) for inp, header in zip(plan.inputs, headers)]
+        for lora in getattr(plan, "loras", None) or []:
+            try:
+                size = os.stat(lora.path).st_size
+            except OSError as exc:
+                raise BadFileError(f"{lora.display_name()}: cannot be read ({exc.strerror or exc})") from exc
+            entries.append((lora.display_name(), lora.path, size, lora.sha256))
+        n_models = len(plan.inputs)
+        for i, (name, path, size, claimed) in enumerate(entries):
+            real = os.path.realpath(path)
+            ident = InputIdentity(name, real, size, claimed=normalize_sha256(claimed))
             known = self._cached(real)
             if known is not None:
                 ident.sha256, ident.autov1 = known.sha256, known.autov1
@@ -93,6 +101,8 @@ class InputHashes:
                 ident.autov1 = autov1_of(real)
             self._first_of.setdefault(real, i)
             self.inputs.append(ident)
+        self.loras = self.inputs[n_models:]  # the LoRAs' identities (indexes after the models')
+        self.inputs = self.inputs[:n_models]
 
     # -- the cache --------------------------------------------------------------------------------------------
     def cache(self):
@@ -115,19 +125,24 @@ class InputHashes:
             return None
 
     # -- what the recipe holds ------------------------------------------------------------------------------
+    @property
+    def everything(self) -> List[InputIdentity]:
+        return self.inputs + self.loras
+
     def sha256_field(self, i: int) -> Optional[str]:
-        ident = self.inputs[i]
+        """The recipe's SHA-256 of entry ``i`` (the models, then the LoRAs): the value, or its placeholder."""
+        ident = self.everything[i]
         return sha256_placeholder(self._first_of[ident.path]) if ident.pending else ident.sha256
 
     def autov2_field(self, i: int) -> Optional[str]:
-        ident = self.inputs[i]
+        ident = self.everything[i]
         if ident.pending:
             return autov2_placeholder(self._first_of[ident.path])
         return ident.sha256[:10] if ident.sha256 else None
 
     @property
     def pending(self) -> List[InputIdentity]:
-        return [x for x in self.inputs if x.pending]
+        return [x for x in self.everything if x.pending]
 
     # -- hashing in the run -------------------------------------------------------------------------------------
     def start(self, threads: Optional[int] = None) -> None:
@@ -158,7 +173,7 @@ class InputHashes:
                 i = self._first_of[path]
                 fills[sha256_placeholder(i)] = result.sha256
                 fills[autov2_placeholder(i)] = result.sha256[:10]
-                for ident in self.inputs:
+                for ident in self.everything:
                     if ident.path == path:
                         ident.sha256, ident.pending = result.sha256, False
                         if ident.claimed and ident.claimed != result.sha256:
@@ -181,7 +196,7 @@ class InputHashes:
                 return
         try:
             if result.autov1 is None:
-                result.autov1 = next((x.autov1 for x in self.inputs if x.path == path), None)
+                result.autov1 = next((x.autov1 for x in self.everything if x.path == path), None)
             cache.record(path, result)
         except Exception:  # the cache is an optimisation
             pass

@@ -78,9 +78,11 @@ def plan_fp8_output(prep) -> None:
         names_in = {i: job.source_name(i) for i in (job.sources if job.copy_from is None else [job.copy_from])}
         jobs.append(dataclasses.replace(job, name=scale, shape=(), out_dtype="F32", source_names=names_in,
                                         scales=dict(job.scales)))
-    from .plan import KeyJob
-
-    jobs.append(KeyJob(quant.marker, MARKER_SHAPE, FP8_DTYPE, sources=[]))
+    if not jobs:
+        return
+    # the marker: written as zeros, reads no input (a KeyJob like the others, without importing plan.py)
+    jobs.append(dataclasses.replace(jobs[0], name=quant.marker, shape=MARKER_SHAPE, out_dtype=FP8_DTYPE, sources=[],
+                                    copy_from=None, scales={}, source_names={}))
     jobs.sort(key=lambda j: j.name)
     prep.jobs[:] = jobs
     prep.quant = quant

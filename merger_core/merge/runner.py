@@ -181,6 +181,8 @@ class _Runner:
                 else:
                     self.merge_key(job, views)
                 self.sink.end_key(job)
+                if self.delta is not None and hasattr(self.delta, "release"):
+                    self.delta.release()  # the LoRA factors of this key
                 self.unmapper.release(views.values())
                 del views
                 done_bytes += job.out_nbytes

@@ -191,8 +191,9 @@ def _candidates(folders: Sequence[str], size: int) -> List[str]:
 
 
 def find_inputs(rec: dict, folders: Sequence[str], cache=None, exclude: Optional[str] = None,
-                progress: Optional[Callable[[str], None]] = None) -> List[str]:
-    """The path of every recorded input, found by SHA-256; a clear error naming what was not found and where."""
+                progress: Optional[Callable[[str], None]] = None, entries: str = "inputs") -> List[str]:
+    """The path of every recorded input (``entries="loras"``: every LoRA), found by SHA-256; a clear error naming
+    what was not found and where."""
     if cache is None:
         from ..identity.cache import open_cache
 
@@ -201,7 +202,7 @@ def find_inputs(rec: dict, folders: Sequence[str], cache=None, exclude: Optional
     missing: List[str] = []
     unhashed: List[str] = []
     skip = os.path.realpath(exclude) if exclude else None
-    for x in rec["inputs"]:
+    for x in rec.get(entries) or []:
         want = normalize_sha256(x.get("sha256"))
         if want is None:
             unhashed.append(x["name"])
@@ -239,8 +240,8 @@ def find_inputs(rec: dict, folders: Sequence[str], cache=None, exclude: Optional
 
 
 # -- rebuilding the plan ---------------------------------------------------------------------------------------
-def rebuild_plan(rec: dict, paths: Sequence[str], device: Optional[str] = None) -> MergePlan:
-    """The plan the record describes, over the found input paths."""
+def rebuild_plan(rec: dict, paths: Sequence[str], device: Optional[str] = None, lora_paths: Sequence[str] = ()) -> MergePlan:
+    """The plan the record describes, over the found input (and LoRA) paths."""
     args = dict(rec["args"])
     planner = rec["planner"]
 
@@ -248,6 +249,11 @@ def rebuild_plan(rec: dict, paths: Sequence[str], device: Optional[str] = None) 
         if not isinstance(i, int) or not 0 <= i < len(paths):
             raise VerifyError(f"the record names input {i!r}, which it does not list")
         return paths[i]
+
+    def lora_path(i) -> str:
+        if not isinstance(i, int) or not 0 <= i < len(lora_paths):
+            raise VerifyError(f"the record names LoRA {i!r}, which it does not list")
+        return lora_paths[i]
 
     if device is not None:
         args["device"] = device
@@ -262,14 +268,20 @@ def rebuild_plan(rec: dict, paths: Sequence[str], device: Optional[str] = None) 
         unknown = sorted(set(args) - known)
         if unknown:
             raise VerifyError(f"the record has plan fields this version does not know: {', '.join(unknown)}")
+        from .bake import LoraInput
+
+        loras = [LoraInput(lora_path(e.get("path")), float(e.get("strength_model", 1.0)), float(e.get("strength_clip", 1.0)),
+                           name=rec["loras"][e.get("path")]["name"]) for e in args.pop("loras", None) or []]
         return MergePlan(inputs=[MergeInput(p, float(w), name=x["name"]) for p, w, x in zip(paths, weights, rec["inputs"])],
-                         **args)
+                         loras=loras, **args)
     if planner == "manifest":
         from ..manifest.parse import manifest_from_dict
         from .plan import plan_from_manifest
 
         doc = dict(args)
         doc["models"] = [dict(e, path=path(e.get("path"))) for e in doc.get("models", [])]
+        if doc.get("loras"):
+            doc["loras"] = [dict(e, path=lora_path(e.get("path"))) for e in doc["loras"]]
         if "base" in doc:
             doc["base"] = path(doc["base"])
         return plan_from_manifest(manifest_from_dict(doc))
@@ -327,11 +339,13 @@ def verify_file(
     header, rec = read_replay(path)
     folders = [os.path.dirname(path)] + [os.fspath(f) for f in search]
     paths = find_inputs(rec, folders, cache=cache, exclude=path, progress=on_search)
-    plan = rebuild_plan(rec, paths, device=device)
+    lora_paths = find_inputs(rec, folders, cache=cache, exclude=path, progress=on_search, entries="loras")
+    plan = rebuild_plan(rec, paths, device=device, lora_paths=lora_paths)
     plan.threads = threads
     prep = prepare(plan)
     plan_fp8_output(prep)
     inputs = [{"name": x["name"], "path": p, "sha256": x["sha256"]} for x, p in zip(rec["inputs"], paths)]
+    inputs += [{"name": x["name"] + " (LoRA)", "path": p, "sha256": x["sha256"]} for x, p in zip(rec.get("loras") or [], lora_paths)]
     result = VerifyResult(path, False, len(header.tensors), 0, inputs=inputs, planner=rec["planner"], method=plan.method,
                           notes=list(prep.notes))
     diff = _layout_difference(prep, header)
