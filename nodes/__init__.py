@@ -6,7 +6,7 @@ import logging
 
 from . import _requirements
 from . import _host as host
-from .manifest_nodes import AddModelToManifest, LoadManifest, SaveManifest, ScanFolder
+from .manifest_nodes import AddLoraToManifest, AddModelToManifest, LoadManifest, SaveManifest, ScanFolder
 from .merge_node import WeightedMerge
 
 log = logging.getLogger("model_merger")
@@ -23,6 +23,7 @@ NODES = [
     ("ModelMergerScanFolder", ScanFolder, "Scan Folder (Model Merger)"),
     ("ModelMergerLoadManifest", LoadManifest, "Load Manifest (Model Merger)"),
     ("ModelMergerAddModel", AddModelToManifest, "Add Model To Manifest (Model Merger)"),
+    ("ModelMergerAddLora", AddLoraToManifest, "Add LoRA To Manifest (Model Merger)"),
     ("ModelMergerSaveManifest", SaveManifest, "Save Manifest (Model Merger)"),
     ("ModelMergerWeightedMerge", WeightedMerge, "Weighted Merge (Model Merger)"),
 ]
@@ -32,6 +33,7 @@ from .analyze_node import AnalyzeStructure  # noqa: E402
 from .civitai_node import CivitaiLookup  # noqa: E402
 from .crossmerge_node import CrossArchMerge, TrainDifference, register_bases_kind  # noqa: E402
 from .rows_node import MergeModels  # noqa: E402
+from .lora_nodes import ApplyLora, ExtractLora, MergeLoras  # noqa: E402
 
 register_bases_kind()
 NODES += [
@@ -40,6 +42,9 @@ NODES += [
     ("ModelMergerTrainDifference", TrainDifference, "Train Difference (Model Merger)"),
     ("ModelMergerCrossArchMerge", CrossArchMerge, "Cross-Arch Merge (Model Merger)"),
     ("ModelMergerMergeModels", MergeModels, "Merge Models (Model Merger)"),
+    ("ModelMergerExtractLora", ExtractLora, "Extract LoRA (Model Merger)"),
+    ("ModelMergerMergeLoras", MergeLoras, "Merge LoRAs (Model Merger)"),
+    ("ModelMergerApplyLora", ApplyLora, "Apply LoRA (Model Merger)"),
 ]
 
 
