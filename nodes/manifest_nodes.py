@@ -1,18 +1,54 @@
-"""Nodes that make a MANIFEST: Scan Folder, Load Manifest, Add Model To Manifest, Save Manifest."""
+"""Nodes that make a MANIFEST: Scan Folder, Load Manifest, Add Model To Manifest, Add LoRA To Manifest, Save
+Manifest."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import os
+from typing import List, Optional
 
 from ..merger_core import manifest as mf
 from ..merger_core.manifest import scan as sc
+from ..merger_core.manifest.model import LoraEntry
 from ..merger_core.errors import ManifestError
 from . import _host as host
 
 PASTED = "(use pasted JSON)"
+LORA_KIND = "loras"  # ComfyUI's folder kind of LoRA files (LoraLoader's list)
+STRENGTH_LIMIT = 100.0  # LoraLoader's range, -100..100
+
+
+def lora_names() -> List[str]:
+    """The LoRA files ComfyUI lists (its ``loras`` folders), .safetensors only: other formats can run code."""
+    try:
+        return [n for n in host.folder_paths.get_filename_list(LORA_KIND) if n.lower().endswith(".safetensors")]
+    except KeyError:  # a host without a loras folder kind
+        return []
+
+
+def lora_path(name: str) -> str:
+    """The file of a LoRA name as LoraLoader shows it; refused unless it is a .safetensors file of the loras folders."""
+    if not isinstance(name, str) or not name.lower().endswith(".safetensors"):
+        raise ManifestError(f"LoRA {name!r} is not a .safetensors file (other formats can run code when loaded)")
+    try:
+        path = host.folder_paths.get_full_path(LORA_KIND, name)
+    except KeyError:
+        path = None
+    if path is None:
+        raise ManifestError(f"LoRA {name!r} is not in ComfyUI's loras folders")
+    return os.path.abspath(path)
+
+
+def strength_problem(what: str, value) -> Optional[str]:
+    """Why a LoRA strength is refused (it must be a finite number within LoraLoader's -100..100), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{what} {value!r} must be a finite number"
+    if abs(value) > STRENGTH_LIMIT:
+        return f"{what} {value!r} must be between -{STRENGTH_LIMIT:g} and {STRENGTH_LIMIT:g}"
+    return None
 
 
 def copy_manifest(m: "mf.Manifest") -> "mf.Manifest":
@@ -20,36 +56,43 @@ def copy_manifest(m: "mf.Manifest") -> "mf.Manifest":
     return dataclasses.replace(
         m, models=[dataclasses.replace(e, civitai=json.loads(json.dumps(e.civitai)) if e.civitai else None) for e in m.models],
         params=json.loads(json.dumps(m.params, default=str)),
+        loras=[dataclasses.replace(e) for e in m.loras],
     )
 
 
 def describe_manifest(m: "mf.Manifest", extra_lines=()) -> str:
-    """A readable summary: method, dtype, and each model with its weight (and share of the total)."""
+    """A readable summary: method, dtype, each model with its weight (and share of the total), each LoRA baked in
+    with its strengths."""
     total = sum(e.weight for e in m.models)
     names = mf.display_names([e.path for e in m.models]) if m.models else []
     lines = [f"{len(m.models)} model(s), method {m.method}, normalize {'on' if m.normalize else 'off'}"]
     for e, name in zip(m.models, names):
         share = f" ({100.0 * e.weight / total:.1f}%)" if (m.normalize and total) else ""
         lines.append(f"  {e.weight:g}{share}  {name}")
+    if m.loras:
+        lines.append(f"{len(m.loras)} LoRA(s) baked in (strength model / clip):")
+        for e, name in zip(m.loras, mf.display_names([e.path for e in m.loras])):
+            lines.append(f"  {e.strength_model:g} / {e.strength_clip:g}  {name}")
     lines.extend(extra_lines)
     return "\n".join(lines)
 
 
 def manifest_fingerprint(m: "mf.Manifest") -> str:
-    """Content of the manifest plus each input's size and mtime: what IS_CHANGED reports."""
-    sig = {
-        "manifest": mf.manifest_to_dict(m),
-        "files": host.file_signature([e.path for e in m.models] + ([m.base] if m.base else [])),
-    }
+    """Content of the manifest plus each input's (models, base, LoRAs) size and mtime: what IS_CHANGED reports."""
+    paths = [e.path for e in m.models] + ([m.base] if m.base else []) + [e.path for e in m.loras]
+    sig = {"manifest": mf.manifest_to_dict(m), "files": host.file_signature(paths)}
     return hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def check_manifest_paths(m: "mf.Manifest") -> None:
-    """Every model (and the base) must lie in ComfyUI's model folders unless the server owner opted out."""
+    """Every model, the base and every LoRA must lie in ComfyUI's model folders (the loras folders among them)
+    unless the server owner opted out."""
     for i, e in enumerate(m.models):
         host.check_allowed(e.path, f"models[{i}] ({e.name}):")
     if m.base:
         host.check_allowed(m.base, "base:")
+    for i, e in enumerate(m.loras):
+        host.check_allowed(e.path, f"loras[{i}] ({e.name}):")
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -150,7 +193,8 @@ class ScanFolder:
 class LoadManifest:
     DESCRIPTION = (
         "Load a merge manifest (JSON) from ComfyUI's models/model_merger folder, or from JSON pasted into the text "
-        "box. Relative model paths in a file are relative to the file; in pasted JSON they are checkpoint names."
+        "box. Relative model paths in a file are relative to the file; in pasted JSON they are checkpoint names (and "
+        "LoRA paths LoRA names)."
     )
     CATEGORY = host.CATEGORY
     FUNCTION = "load"
@@ -197,17 +241,23 @@ class LoadManifest:
             folders = host.checkpoint_folders()
             m = mf.load_manifest(text, base_dir=folders[0] if folders else None)
             # relative paths in pasted JSON are checkpoint names: find them in any checkpoint folder
+            # and LoRA paths are LoRA names (as LoraLoader shows them): find them in the loras folders
             try:
                 raw = json.loads(text)
                 raw_models = raw.get("models", []) if isinstance(raw, dict) else []
+                raw_loras = raw.get("loras", []) if isinstance(raw, dict) else []
             except ValueError:
-                raw_models = []
-            for entry, r in zip(m.models, raw_models):
-                rp = r.get("path") if isinstance(r, dict) else None
-                if isinstance(rp, str) and not os.path.isabs(os.path.expanduser(rp)) and not os.path.exists(entry.path):
-                    found = host.folder_paths.get_full_path("checkpoints", rp)
-                    if found:
-                        entry.path = os.path.abspath(found)
+                raw_models = raw_loras = []
+            for entries, raws, kind in ((m.models, raw_models, "checkpoints"), (m.loras, raw_loras, LORA_KIND)):
+                for entry, r in zip(entries, raws if isinstance(raws, list) else []):
+                    rp = r.get("path") if isinstance(r, dict) else None
+                    if isinstance(rp, str) and not os.path.isabs(os.path.expanduser(rp)) and not os.path.exists(entry.path):
+                        try:
+                            found = host.folder_paths.get_full_path(kind, rp)
+                        except KeyError:
+                            found = None
+                        if found:
+                            entry.path = os.path.abspath(found)
         check_manifest_paths(m)
         mf.validate(m)
         return m
@@ -275,6 +325,82 @@ class AddModelToManifest:
                 m.models[i].weight = w
         else:
             m.models.append(mf.ManifestEntry(path=path, weight=w))
+        return (m, describe_manifest(m))
+
+
+class AddLoraToManifest:
+    DESCRIPTION = (
+        "Bake a LoRA into the merge: adds a LoRA from ComfyUI's loras folder with its strengths to the manifest. The "
+        "merge then writes each key as the merged weight plus the LoRA's delta, in the same pass, as LoraLoader "
+        "would apply it to the merged model. Chain it for several LoRAs. A LoRA already in the manifest gets the new "
+        "strengths; both strengths 0 removes it."
+    )
+    CATEGORY = host.CATEGORY
+    FUNCTION = "add"
+    RETURN_TYPES = (host.MANIFEST_TYPE, "STRING")
+    RETURN_NAMES = ("manifest", "summary")
+    OUTPUT_TOOLTIPS = (
+        "The manifest with this LoRA added (or its strengths changed). Connect it to Weighted Merge, Save Manifest or "
+        "another Add LoRA To Manifest.",
+        "The models and LoRAs so far.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        strength = {"default": 1.0, "min": -STRENGTH_LIMIT, "max": STRENGTH_LIMIT, "step": 0.01}
+        return {
+            "required": {
+                "manifest": (host.MANIFEST_TYPE, {
+                    "tooltip": "The models to merge (from Add Model To Manifest, Scan Folder, Load Manifest or Merge "
+                               "Models' manifest output).",
+                }),
+                "lora_name": (lora_names(), {
+                    "tooltip": "A LoRA from ComfyUI's loras folders (.safetensors only: other formats can run code "
+                               "when loaded). It must be made for the models' architecture (an SD1.5 LoRA for SD1.5 "
+                               "checkpoints); another is refused before any weight is read.",
+                }),
+                "strength_model": ("FLOAT", dict(strength, tooltip=(
+                    "How strongly the LoRA changes the diffusion model (as LoraLoader's strength_model); may be "
+                    "negative."))),
+                "strength_clip": ("FLOAT", dict(strength, tooltip=(
+                    "How strongly the LoRA changes the text encoder(s) (as LoraLoader's strength_clip); may be "
+                    "negative."))),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, strength_model=None, strength_clip=None):
+        for what, v in (("strength_model", strength_model), ("strength_clip", strength_clip)):
+            problem = v is not None and strength_problem(what, v)
+            if problem:
+                return problem
+        return True
+
+    @classmethod
+    def IS_CHANGED(cls, manifest=None, lora_name=None, strength_model=1.0, strength_clip=1.0):
+        try:
+            return json.dumps([lora_name, strength_model, strength_clip, host.file_signature([lora_path(lora_name)])])
+        except Exception as exc:
+            return f"error: {exc}"
+
+    def add(self, manifest, lora_name, strength_model=1.0, strength_clip=1.0):
+        if manifest is None:
+            raise ManifestError("Add LoRA To Manifest needs a manifest (the models the LoRA is baked into)")
+        for what, v in (("strength_model", strength_model), ("strength_clip", strength_clip)):
+            problem = strength_problem(what, v)
+            if problem:
+                raise ManifestError(f"{lora_name}: {problem}")
+        path = host.check_allowed(lora_path(lora_name), f"LoRA {lora_name}:")
+        sm, sc = float(strength_model), float(strength_clip)
+        m = copy_manifest(manifest)
+        same = [i for i, e in enumerate(m.loras) if os.path.realpath(e.path) == os.path.realpath(path)]
+        if sm == 0 and sc == 0:
+            m.loras = [e for i, e in enumerate(m.loras) if i not in same]
+        elif same:
+            for i in same:
+                m.loras[i].strength_model, m.loras[i].strength_clip = sm, sc
+        else:
+            m.loras.append(LoraEntry(path=path, strength_model=sm, strength_clip=sc))
         return (m, describe_manifest(m))
 
 
