@@ -45,12 +45,12 @@ PY = sys.executable
 TARGETS = {"sd15": (2.5, 1.5, 1.0), "sdxl": (2.5, 1.5, 1.5)}
 
 API_SCRIPT = r"""
-import sys, time
+import os, sys, time
 from merger_core.merge import MergeInput, MergePlan, merge_to_file
 out = sys.argv[-1]
 plan = MergePlan([MergeInput(p, 1.0) for p in sys.argv[1:-1]], method="weighted_sum", dtype="fp16", device="cpu")
 t0 = time.monotonic()
-r = merge_to_file(plan, out, overwrite=True)
+r = merge_to_file(plan, out, overwrite=True, input_hashes=os.environ.get("MM_BENCH_HASHES") != "off")
 print("engine_seconds", round(time.monotonic() - t0, 3))
 """
 
@@ -99,9 +99,10 @@ def make_manifest(inputs: List[str], path: str) -> None:
         raise RuntimeError(f"model-merger scan failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
 
 
-def merge_command(runner: str, inputs: List[str], out: str, manifest: str) -> List[str]:
+def merge_command(runner: str, inputs: List[str], out: str, manifest: str, hashes: str = "run") -> List[str]:
     if runner == "cli":
-        return [PY, "-m", "merger_core", "merge", manifest, "-o", out, "--overwrite", "--no-progress"]
+        return [PY, "-m", "merger_core", "merge", manifest, "-o", out, "--overwrite", "--no-progress"] + (
+            ["--no-input-hashes"] if hashes == "off" else [])
     if runner == "api":
         return [PY, "-c", API_SCRIPT, *inputs, out]
     if runner == "naive":
@@ -116,10 +117,12 @@ def output_bytes_for(inputs: List[str]) -> int:
 
 def measure_one(layout: str, n: int, mode: str, runner: str, inputs: List[str], data_dir: str, log: Log,
                 pyspy: Optional[str] = None, repeat: int = 1, wait_idle: float = 0,
-                out_dir: Optional[str] = None) -> Dict[str, object]:
+                out_dir: Optional[str] = None, hashes: str = "run") -> Dict[str, object]:
     """Floor and merge, ``repeat`` times each; the fastest floor and the fastest merge are kept, the peak memory
     is the largest seen. ``out_dir`` (e.g. a tmpfs such as /dev/shm) receives the output and the floor's write:
-    warm and on a tmpfs, the floor is the memory floor that no disk hides."""
+    warm and on a tmpfs, the floor is the memory floor that no disk hides. ``hashes``: ``run`` merges with an empty
+    hash cache (every input is hashed during the merge, the default for a first merge), ``off`` with
+    ``--no-input-hashes``."""
     out_dir = out_dir or data_dir
     out = os.path.join(out_dir, f"merge_bench_out_{os.getpid()}.safetensors")
     scratch = os.path.join(out_dir, f"merge_bench_floor_{os.getpid()}.tmp")
@@ -154,10 +157,14 @@ def measure_one(layout: str, n: int, mode: str, runner: str, inputs: List[str], 
             cached = common.cached_fraction(inputs)
             if wait_idle:
                 common.wait_for_quiet(timeout=wait_idle, log=log)
-            cmd = merge_command(runner, inputs, out, manifest)
+            cmd = merge_command(runner, inputs, out, manifest, hashes)
             if pyspy:
                 cmd = ["py-spy", "record", "-o", pyspy, "-r", "50", "--idle", "-t", "-f", "raw", "--", *cmd]
-            m = common.run_measured(cmd, cwd=common.REPO)
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="merge-bench-home-") as home:  # an empty hash cache each run
+                env = dict(os.environ, MODEL_MERGER_HOME=home, MM_BENCH_HASHES=hashes)
+                m = common.run_measured(cmd, cwd=common.REPO, env=env)
             if m.returncode != 0:
                 log(f"!! {runner} merge failed (exit {m.returncode}):\n{m.stderr.strip()[-3000:]}")
             ok = ok and m.returncode == 0 and os.path.isfile(out) and os.path.getsize(out) > 0
@@ -180,6 +187,7 @@ def measure_one(layout: str, n: int, mode: str, runner: str, inputs: List[str], 
         "N": n,
         "mode": mode,
         "runner": runner,
+        "hashes": hashes if runner != "naive" else "",
         "runs": repeat,
         "input GB": f"{sum(os.path.getsize(p) for p in inputs) / 1e9:.1f}",
         "cached": "" if cached is None else f"{cached * 100:.0f}%",
@@ -214,7 +222,7 @@ def verdict(row: Dict[str, object]) -> str:
     return ", ".join(parts)
 
 
-COLUMNS = ["layout", "N", "mode", "runner", "runs", "input GB", "cached", "floor read s", "floor write s", "floor s",
+COLUMNS = ["layout", "N", "mode", "runner", "hashes", "runs", "input GB", "cached", "floor read s", "floor write s", "floor s",
            "merge s", "engine s", "ratio", "CPU s", "others CPU", "peak private GiB", "target"]
 
 
@@ -277,6 +285,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--wait-idle", type=float, default=60, metavar="S",
                     help="before each measurement wait up to S seconds for the CPUs to be <= 15%% busy (0: never)")
     ap.add_argument("--no-lock", action="store_true", help="do not take /tmp/bench.lock (you hold it already)")
+    ap.add_argument("--hashes", nargs="+", default=["run", "off"], choices=["run", "off"],
+                    help="run: an empty hash cache, so the inputs are hashed during the merge (SHA-256 for the recipe); "
+                         "off: --no-input-hashes (default: both)")
     ap.add_argument("--out-dir", default=None, metavar="DIR",
                     help="write the output (and the floor's write) here, e.g. /dev/shm for the memory floor")
     args = ap.parse_args(argv)
@@ -318,12 +329,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                             else:
                                 log(f"(naive baseline skipped for {layout} N={n}: needs ~{need / GiB:.0f} GiB of RAM)")
                         for rn in runners:
-                            prof = f"{args.pyspy}_{layout}_{n}_{mode}.txt" if (args.pyspy and rn != "naive") else None
-                            row = measure_one(layout, n, mode, rn, inputs[:n], args.data_dir, log, prof, args.repeat,
-                                              args.wait_idle, out_dir=args.out_dir)
-                            row["target"] = verdict(row) if n == 4 else ""
-                            rows.append(row)
-                            log(common.format_table([row], COLUMNS).splitlines()[-1])
+                            for hashes in (args.hashes if rn != "naive" else ["off"]):
+                                prof = f"{args.pyspy}_{layout}_{n}_{mode}_{hashes}.txt" if (args.pyspy and rn != "naive") else None
+                                row = measure_one(layout, n, mode, rn, inputs[:n], args.data_dir, log, prof, args.repeat,
+                                                  args.wait_idle, out_dir=args.out_dir, hashes=hashes)
+                                row["target"] = verdict(row) if n == 4 else ""
+                                rows.append(row)
+                                log(common.format_table([row], COLUMNS).splitlines()[-1])
             finally:
                 if args.keep_inputs is not None:
                     for p in generated:

@@ -391,3 +391,29 @@ def test_scaled_fp8_merge_output_loads_and_renders_in_comfyui(server):
     assert not [k for k in keys if k.endswith((".scale_weight", ".scale_input", "scaled_fp8"))]
     assert dtypes <= {"F16"}, dtypes
     render_with_checkpoint_loader(server, "fp8merge_00001_.safetensors")
+
+
+def test_scaled_fp8_output_loads_in_comfyui(server):
+    """Issue 12: dtype fp8_scaled writes ComfyUI's scaled fp8 (e4m3fn linear weights with a per-layer scale_weight,
+    the scaled_fp8 marker, the rest bf16); ComfyUI's CheckpointLoaderSimple loads it as scaled fp8 and renders."""
+    from safetensors import safe_open
+
+    rows = json.dumps([{"ckpt": "model_a.safetensors", "weight": 1.0, "on": True},
+                       {"ckpt": "model_b.safetensors", "weight": 1.0, "on": True}])
+    wf = cs.load_api("merge_rows_to_disk.json", **{"1.models": rows, "1.dtype": "fp8_scaled",
+                                                     "1.filename_prefix": "checkpoints/fp8out"})
+    entry = server.run(wf)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    out = out_dir(server, "checkpoints", "fp8out_00001_.safetensors")
+    unet = "model.diffusion_model."
+    with safe_open(out, "pt") as f:
+        keys = list(f.keys())
+        fp8 = [k for k in keys if f.get_slice(k).get_dtype() == "F8_E4M3"]
+        scales = [k for k in keys if k.endswith(".scale_weight")]
+    assert unet + "scaled_fp8" in fp8 and len(scales) == len(fp8) - 1 > 100
+    before = len(server.log())
+    render_with_checkpoint_loader(server, "fp8out_00001_.safetensors")
+    log = server.log()[before:]
+    assert "Using scaled fp8" in log, log[-3000:]  # ComfyUI took it as scaled fp8 (comfy/ops.py)
+    assert "unet missing" not in log and "unet unexpected" not in log, log[-3000:]
+
