@@ -417,3 +417,117 @@ def test_scaled_fp8_output_loads_in_comfyui(server):
     assert "Using scaled fp8" in log, log[-3000:]  # ComfyUI took it as scaled fp8 (comfy/ops.py)
     assert "unet missing" not in log and "unet unexpected" not in log, log[-3000:]
 
+
+def test_extracted_lora_loads_in_lora_loader_without_unmatched_keys(server):
+    """Issue 14: Extract LoRA writes into the loras folder a file ComfyUI's own LoraLoader takes with every key
+    matched (no "lora key not loaded" / "NOT LOADED" in the log), and its LORA_MODEL output patches MODEL and CLIP
+    through Apply LoRA in the same prompt; both render."""
+    info = server.object_info()
+    for nid in ("ModelMergerExtractLora", "ModelMergerMergeLoras", "ModelMergerApplyLora"):
+        assert nid in info and info[nid]["category"] == "model_merger", nid
+    assert info["ModelMergerApplyLora"]["input"]["required"]["lora"][0] == "LORA_MODEL"
+    wf = cs.load_api("merge_to_graph_and_preview.json", **SMALL_RENDER)
+    for k in ("1", "2", "3", "10"):
+        del wf[k]
+    wf["20"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "model_a.safetensors"}}
+    wf["30"] = {"class_type": "ModelMergerExtractLora", "inputs": {
+        "tuned": "model_b.safetensors", "base": "model_a.safetensors", "rank": 4, "conv_rank": 0, "energy": 0.0,
+        "dtype": "fp16", "filename_prefix": "model_merger/hosttest"}}
+    wf["31"] = {"class_type": "ModelMergerApplyLora", "inputs": {
+        "model": ["20", 0], "clip": ["20", 1], "lora": ["30", 0], "strength_model": 1.0, "strength_clip": 1.0}}
+    wf["4"]["inputs"]["clip"] = wf["5"]["inputs"]["clip"] = ["31", 1]
+    wf["7"]["inputs"]["model"] = ["31", 0]
+    wf["8"]["inputs"]["vae"] = ["20", 2]
+    start = len(server.log())
+    entry = server.run(wf)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert entry["outputs"]["9"]["images"]
+    name = "model_merger/hosttest_00001_.safetensors"
+    assert os.path.isfile(os.path.join(server.base, "models", "loras", *name.split("/")))
+    log = server.log()[start:]
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log, log[-3000:]
+    # the file through ComfyUI's own LoraLoader (listed without a restart)
+    assert name in server.object_info()["LoraLoader"]["input"]["required"]["lora_name"][0]
+    wf2 = {k: v for k, v in wf.items() if k not in ("30", "31")}
+    wf2["21"] = {"class_type": "LoraLoader", "inputs": {
+        "model": ["20", 0], "clip": ["20", 1], "lora_name": name, "strength_model": 1.0, "strength_clip": 1.0}}
+    wf2["4"]["inputs"]["clip"] = wf2["5"]["inputs"]["clip"] = ["21", 1]
+    wf2["7"]["inputs"]["model"] = ["21", 0]
+    wf2["7"]["inputs"]["seed"] = 43  # not the cached result of the first prompt
+    start = len(server.log())
+    entry = server.run(wf2)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    log = server.log()[start:]
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log, log[-3000:]
+
+
+def test_baked_lora_equals_comfyui_lora_loader_then_checkpoint_save(server):
+    """Issue 14: a real kohya LoRA baked into a merge by this pack (Load Manifest -> Add LoRA To Manifest -> Weighted
+    Merge, disk) equals ComfyUI's own CheckpointLoaderSimple -> LoraLoader -> CheckpointSave at the same strengths,
+    tensor for tensor within fp16 rounding. The merge is model_a at weight 1 and model_b at weight 0 (the engine
+    merges at least two models), so both start from the same fp16 weights; both prompts run in one queue entry."""
+    import torch
+    from safetensors import safe_open
+
+    import kohya_lora
+    from oracle import ulp
+
+    ckpts = os.path.join(server.base, "models", "checkpoints")
+    loras = os.path.join(server.base, "models", "loras")
+    os.makedirs(loras, exist_ok=True)
+    lora = os.path.join(loras, "bake_check.safetensors")
+    used = kohya_lora.write_kohya_lora(lora, os.path.join(ckpts, "model_a.safetensors"), seed=11, rank=8, alpha=4.0)
+    assert len(used) == len(kohya_lora.SD15_MODULES)  # every module names a key of the real SD1.5 layout
+    sm, sc = 0.75, -0.5
+    manifest = {"version": 1, "models": [{"path": "model_a.safetensors", "weight": 1.0},
+                                         {"path": "model_b.safetensors", "weight": 0.0}]}
+    wf = {
+        "1": {"class_type": "ModelMergerLoadManifest",
+              "inputs": {"manifest_file": "(use pasted JSON)", "manifest_json": json.dumps(manifest)}},
+        "2": {"class_type": "ModelMergerAddLora",
+              "inputs": {"manifest": ["1", 0], "lora_name": "bake_check.safetensors", "strength_model": sm,
+                         "strength_clip": sc}},
+        "3": {"class_type": "ModelMergerWeightedMerge",
+              "inputs": {"manifest": ["2", 0], "device": "cpu", "dtype": "fp16", "output_mode": "disk",
+                         "filename_prefix": "checkpoints/baked_lora"}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 3]}},
+        "5": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "model_a.safetensors"}},
+        "6": {"class_type": "LoraLoader",
+              "inputs": {"model": ["5", 0], "clip": ["5", 1], "lora_name": "bake_check.safetensors",
+                         "strength_model": sm, "strength_clip": sc}},
+        "7": {"class_type": "CheckpointSave",
+              "inputs": {"model": ["6", 0], "clip": ["6", 1], "vae": ["5", 2],
+                         "filename_prefix": "checkpoints/comfy_lora"}},
+    }
+    entry = server.run(wf)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    report = entry["outputs"]["4"]["text"][0]
+    assert f"baking 1 LoRA(s) into {len(used)} key(s)" in report, report
+    assert f"{len(used)} of {len(used)} modules matched" in report, report
+    ours_path = out_dir(server, "checkpoints", "baked_lora_00001_.safetensors")
+    theirs_path = out_dir(server, "checkpoints", "comfy_lora_00001_.safetensors")
+    try:
+        with safe_open(ours_path, "pt") as ours, safe_open(theirs_path, "pt") as theirs, \
+                safe_open(os.path.join(ckpts, "model_a.safetensors"), "pt") as base:
+            common = set(ours.keys()) & set(theirs.keys())
+            assert set(used.values()) <= common
+            assert len(common) > 1000, (len(common), sorted(set(ours.keys()) ^ set(theirs.keys()))[:20])
+            worst, changed = 0.0, 0
+            for k in sorted(common):
+                a, b = ours.get_tensor(k), theirs.get_tensor(k)
+                assert a.dtype == torch.float16 and a.shape == b.shape, (k, a.dtype, a.shape, b.shape)
+                a64, b64 = a.double(), b.double()
+                # within fp16 rounding: at most one fp16 step at the value (ComfyUI may keep fp32 on the CPU)
+                err = ((a64 - b64).abs() / ulp(b64, "F16")).max().item()
+                assert err <= 1.0, f"{k}: differs by {err:.2f} fp16 steps from ComfyUI's LoraLoader"
+                worst = max(worst, err)
+                if k in used.values():
+                    assert not torch.equal(a, base.get_tensor(k)), f"{k}: the LoRA changed nothing"
+                    changed += 1
+                elif not k.startswith("first_stage_model."):
+                    assert torch.equal(a, base.get_tensor(k)), f"{k} is not named by the LoRA but changed"
+        assert changed == len(used)
+    finally:
+        for p in (ours_path, theirs_path):
+            if os.path.exists(p):
+                os.unlink(p)
