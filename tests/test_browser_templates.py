@@ -293,3 +293,78 @@ async def _block_editor(server):
 
 def test_block_weight_editor_writes_the_text_the_cli_reads(server):
     run(_block_editor(server))
+
+
+LORA_ROWS_JS = ("(id => app.graph.getNodeById(id).widgets.filter(w => /^lora \\d+( |$)/.test(w.name))"
+                ".map(w => [w.name, w.value, Array.isArray(w.options?.values) ? w.options.values : null]))")
+PROMPT_ROWS = "app.graphToPrompt().then(p => p.output['1'].inputs.models)"
+
+
+def _click(nid, name):
+    return (f"(() => {{ app.graph.getNodeById({nid}).widgets.find(w => w.name === {json.dumps(name)}).callback(); "
+            "return true; })()")
+
+
+async def _rows_lora(server):
+    import kohya_lora
+
+    loras = os.path.join(server.base, "models", "loras")
+    os.makedirs(loras, exist_ok=True)
+    kohya_lora.write_kohya_lora(os.path.join(loras, "style.safetensors"),
+                                os.path.join(server.base, "models", "checkpoints", "model_a.safetensors"))
+    with open(os.path.join(ROOT, "merge_rows_to_disk.json"), encoding="utf-8") as f:
+        ui = json.load(f)
+    stored = ui["nodes"][0]["widgets_values"][0]
+    async with br.Browser(server.url, 1600, 900) as page:
+        await page.js(f"app.loadGraphData({json.dumps(ui)}).then(() => true)")
+        await asyncio.sleep(0.5)
+        # a workflow saved before LoRA rows: its rows as they were, no LoRA row, the value untouched
+        assert await page.js(LORA_ROWS_JS + "(1)") == []
+        assert await page.js(PROMPT_ROWS) == stored
+        names = await page.js("app.graph.getNodeById(1).widgets.map(w => w.name)")
+        assert names[-2:] == ["+ Add model", "+ Add LoRA"], names
+        await page.js(_click(1, "+ Add LoRA"))
+        got = await page.js(LORA_ROWS_JS + "(1)")
+        assert [g[:2] for g in got] == [["lora 1 on", True], ["lora 1", "style.safetensors"],
+                                        ["lora 1 strength_model", 1], ["lora 1 strength_clip", 1]], got
+        assert got[1][2] == ["style.safetensors"]  # the loras folder's list, from /object_info
+        await page.js(_widget_call(1, "lora 1 strength_model", 0.5))
+        await page.js(_widget_call(1, "lora 1 strength_clip", -0.25))
+        await page.js(_click(1, "+ Add model"))  # a model row goes before the LoRA rows
+        models = json.loads(await page.js(PROMPT_ROWS))
+        order = [r.get("ckpt", r.get("lora")) for r in models]
+        three = ["model_a.safetensors", "model_b.safetensors", "model_c.safetensors"]
+        assert order[:3] == three and "ckpt" in models[3] and order[3] not in three and order[4] == "style.safetensors"
+        assert models[-1] == {"lora": "style.safetensors", "strength_model": 0.5, "strength_clip": -0.25, "on": True}
+        saved = await page.js("app.graph.getNodeById(1).serialize().widgets_values")
+        assert len(saved) == 6 and json.loads(saved[0]) == models  # still one value
+        await page.js("(async () => { const d = app.graph.serialize(); app.graph.clear(); await app.loadGraphData(d); "
+                      "return true; })()")
+        await asyncio.sleep(0.3)
+        assert [g[:2] for g in await page.js(LORA_ROWS_JS + "(1)")][2:] == [
+            ["lora 1 strength_model", 0.5], ["lora 1 strength_clip", -0.25]]
+        await page.js("(() => { app.graph.remove(app.graph.getNodeById(3)); app.canvas.ds.offset = [40, 10]; "
+                      "app.canvas.ds.scale = 0.8; "
+                      "app.canvas.setDirty(true, true); return true; })()")
+        await asyncio.sleep(0.5)
+        import tempfile
+
+        await page.screenshot(os.path.join(os.environ.get("MODEL_MERGER_SCREENS", tempfile.gettempdir()),
+                                           "model_merger_rows_lora.png"))
+        # queue what the page builds: model_a + model_b (model_c is off; model_d's row switched off) + the LoRA
+        await page.js(_widget_call(1, "model 4 on", False))
+        await page.js(_widget_call(1, "filename_prefix", "checkpoints/rows_lora"))
+        entry = await _queue_from_page(page, server.url)
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+        report = entry["outputs"]["2"]["text"][0]
+        assert "merge of 2 models (rows) with 1 LoRA(s) baked in" in report and "style.safetensors" in report, report
+        for f in glob.glob(os.path.join(server.base, "output", "checkpoints", "rows_lora_*.safetensors")):
+            os.unlink(f)
+        # removing the LoRA row leaves the model rows
+        await page.js(_click(1, "✕ remove lora 1"))
+        assert [r.get("lora") for r in json.loads(await page.js(PROMPT_ROWS))] == [None] * 4
+        assert not pack_errors(page), pack_errors(page)
+
+
+def test_rows_node_lora_rows_in_the_browser(server):
+    run(_rows_lora(server))

@@ -521,8 +521,9 @@ def test_baked_lora_equals_comfyui_lora_loader_then_checkpoint_save(server):
                 err = ((a64 - b64).abs() / ulp(b64, "F16")).max().item()
                 assert err <= 1.0, f"{k}: differs by {err:.2f} fp16 steps from ComfyUI's LoraLoader"
                 worst = max(worst, err)
-                if k in used.values():
-                    assert not torch.equal(a, base.get_tensor(k)), f"{k}: the LoRA changed nothing"
+                if k in used.values():  # the LoRA moves these by far more than the rounding allowed above
+                    moved = ((a64 - base.get_tensor(k).double()).abs() / ulp(b64, "F16")).max().item()
+                    assert moved > 20, f"{k}: the LoRA moved it by only {moved:.1f} fp16 steps"
                     changed += 1
                 elif not k.startswith("first_stage_model."):
                     assert torch.equal(a, base.get_tensor(k)), f"{k} is not named by the LoRA but changed"
