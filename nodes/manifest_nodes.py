@@ -19,6 +19,7 @@ from . import _host as host
 PASTED = "(use pasted JSON)"
 LORA_KIND = "loras"  # ComfyUI's folder kind of LoRA files (LoraLoader's list)
 STRENGTH_LIMIT = 100.0  # LoraLoader's range, -100..100
+NO_LORA = "(no LoRA in the loras folder)"  # the list's only entry while there is none (a combo is never empty)
 
 
 def lora_names() -> List[str]:
@@ -31,6 +32,9 @@ def lora_names() -> List[str]:
 
 def lora_path(name: str) -> str:
     """The file of a LoRA name as LoraLoader shows it; refused unless it is a .safetensors file of the loras folders."""
+    if name == NO_LORA:
+        raise ManifestError("no LoRA chosen: put a .safetensors LoRA into ComfyUI's models/loras folder, then refresh "
+                            "the page (R) and pick it")
     if not isinstance(name, str) or not name.lower().endswith(".safetensors"):
         raise ManifestError(f"LoRA {name!r} is not a .safetensors file (other formats can run code when loaded)")
     try:
@@ -354,7 +358,7 @@ class AddLoraToManifest:
                     "tooltip": "The models to merge (from Add Model To Manifest, Scan Folder, Load Manifest or Merge "
                                "Models' manifest output).",
                 }),
-                "lora_name": (lora_names(), {
+                "lora_name": (lora_names() or [NO_LORA], {
                     "tooltip": "A LoRA from ComfyUI's loras folders (.safetensors only: other formats can run code "
                                "when loaded). It must be made for the models' architecture (an SD1.5 LoRA for SD1.5 "
                                "checkpoints); another is refused before any weight is read.",

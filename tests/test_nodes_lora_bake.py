@@ -47,6 +47,11 @@ def test_add_lora_node_is_registered_and_lists_the_loras_folder(comfy, ckpts, lo
     assert req["lora_name"][0] == ["style.safetensors"]  # pickle formats are not offered
     assert req["strength_model"][1]["min"] == -100 and req["strength_clip"][1]["max"] == 100
     assert all(req[k][1].get("tooltip") for k in req)
+    os.unlink(os.path.join(loras_dir(host), "style.safetensors"))  # none left: one placeholder, refused when run
+    names = pack.NODE_CLASS_MAPPINGS["ModelMergerAddLora"].INPUT_TYPES()["required"]["lora_name"][0]
+    assert names == ["(no LoRA in the loras folder)"]
+    with pytest.raises(pack.merger_core.errors.ModelMergerError, match="no LoRA chosen: put a .safetensors LoRA"):
+        pack.NODE_CLASS_MAPPINGS["ModelMergerAddLora"]().add(two(pack), names[0], 1.0, 1.0)
 
 
 def test_add_lora_appends_a_copy_replaces_strengths_and_zero_removes(comfy, ckpts, lora):
