@@ -268,6 +268,7 @@ class CrossArchMerge:
             dtype=dtype,
             device=device,
             seed=int(seed),
+            loras=[(e.path, e.strength_model, e.strength_clip) for e in manifest.loras],  # baked into the result
         )
         cp = cm.plan_cross_merge(req)
         host.check_allowed(cp.base, "base")

@@ -167,3 +167,25 @@ def test_a_manifest_without_loras_is_unchanged(tmp_path):
     m = Manifest(models=[ManifestEntry(a), ManifestEntry(b)])
     doc = json.loads(open(save_manifest(m, tmp_path / "m.json")).read())
     assert "loras" not in doc
+
+
+def test_a_cross_merge_bakes_loras_and_verifies(tmp_path):
+    """Cross-merge (and so the Cross-Arch Merge node, which passes a manifest's LoRAs on) bakes LoRAs too: the result
+    is the cross-merge without them plus the LoRA delta, and verify re-applies them."""
+    from merger_core.merge.cross import CrossMergeRequest, cross_merge_to_file
+
+    (a, _), (b, _) = sd1_models(tmp_path)
+    r = gen(30)
+    base = save(tmp_path / "base.safetensors", {k: r(*s).half() for k, s in SD1_SHAPES.items()})
+    f = sd1_lora(tmp_path / "l.safetensors")
+    plain, baked = tmp_path / "plain.safetensors", tmp_path / "baked.safetensors"
+    req = dict(models=[a, b], base=base, combine="sum", scale=0.7, dtype="fp32")
+    cross_merge_to_file(CrossMergeRequest(**req), str(plain))
+    _, res = cross_merge_to_file(CrossMergeRequest(**req, loras=[(str(tmp_path / "l.safetensors"), 0.6, 1.5)]), str(baked))
+    p, q = load_file(str(plain)), load_file(str(baked))
+    for k, d in deltas(f).items():
+        strength = 1.5 if k.startswith("cond_stage_model.") else 0.6
+        ref = p[k].to(D) + strength * d
+        assert (q[k].to(D) - ref).abs().max().item() <= 1e-5 * ref.abs().max().item() + 1e-6, k
+    assert torch.equal(p[SD1_TO_Q], q[SD1_TO_Q])
+    assert verify_file(baked).verified

@@ -156,3 +156,27 @@ def test_fingerprints_follow_the_lora_file(comfy, ckpts, lora):
     assert cls.IS_CHANGED(lora_name="style.safetensors", strength_model=1.0, strength_clip=1.0) != a
     assert mn.manifest_fingerprint(m) != fa
     assert cls.IS_CHANGED(lora_name="gone.safetensors").startswith("error:")
+
+
+def test_cross_arch_merge_bakes_the_manifests_loras(comfy, ckpts, lora):
+    """A manifest's LoRAs are baked by Cross-Arch Merge too (they were dropped silently before)."""
+    host, pack = comfy
+    m = pack.NODE_CLASS_MAPPINGS
+    add, add_lora = m["ModelMergerAddModel"](), m["ModelMergerAddLora"]()
+    man, _ = add.add("model-1.safetensors", 1.0)
+    man, _ = add.add("model-2.safetensors", 2.0, manifest=man)
+    man, _ = add_lora.add(man, "style.safetensors", 0.7, 0.4)
+    *_, report = m["ModelMergerCrossArchMerge"]().merge(man, "checkpoints/model-0.safetensors", "sum", 0.8, 0.2, 0.5,
+                                                        "delta", "base", "", 0, "cpu", "fp16", "graph", "x",
+                                                        unique_id="5")
+    got = host.loaded_state_dicts[-1]
+    cm = pack.merger_core.merge.cross
+    req = cm.CrossMergeRequest(models=ckpts[1:], weights=[1.0, 2.0], base=ckpts[0], combine="sum", scale=0.8,
+                               loras=[(lora, 0.7, 0.4)])
+    _cp, want, _ = cm.cross_merge_to_state_dict(req)
+    _cp, plain, _ = cm.cross_merge_to_state_dict(cm.CrossMergeRequest(models=ckpts[1:], weights=[1.0, 2.0],
+                                                                      base=ckpts[0], combine="sum", scale=0.8))
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert any(not torch.equal(want[k], plain[k]) for k in want)
+    assert "baking 1 LoRA(s)" in report

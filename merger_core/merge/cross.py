@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from .bake import LoraInput
 from .plan import MergeInput, MergePlan, prepare
 from .runner import MergeResult, merge_to_file, merge_to_state_dict
 from ..errors import IncompatibleModelsError, ManifestError, ModelMergerError
@@ -54,6 +55,7 @@ class CrossMergeRequest:
     seed: int = 0
     candidate_bases: Optional[Sequence[str]] = None  # for the automatic choice; default: the registered bases
     title: Optional[str] = None
+    loras: Sequence[Tuple[str, float, float]] = ()  # LoRAs baked into the result: (path, strength_model, strength_clip)
 
 
 @dataclass
@@ -444,6 +446,7 @@ def plan_cross_merge(req: CrossMergeRequest) -> CrossPlan:
         recipe=recipe,
         headers=headers,  # shapes are checked by prepare(), on these headers (read once)
         replay={"planner": "cross_merge", "args": _replay_args(req, len(paths))},
+        loras=[LoraInput(os.fspath(p), float(sm), float(sc)) for p, sm, sc in (req.loras or ())],
     )
     return CrossPlan(plan, base_path, reason, arch_id, arch_name, components, notes, ranking)
 
@@ -458,6 +461,7 @@ def _replay_args(req: CrossMergeRequest, n: int) -> Dict[str, object]:
     args["candidate_bases"] = None
     args["weights"] = list(req.weights) if req.weights is not None else None
     args["text_encoders"] = dict(req.text_encoders or {})
+    args["loras"] = [[j, float(sm), float(sc)] for j, (_, sm, sc) in enumerate(req.loras or ())]  # by index
     return json.loads(json.dumps(args, default=str))
 
 

@@ -290,6 +290,7 @@ def rebuild_plan(rec: dict, paths: Sequence[str], device: Optional[str] = None, 
 
         args["models"] = [path(i) for i in args.get("models", [])]
         args["base"] = path(args.get("base"))
+        args["loras"] = [(lora_path(j), float(sm), float(sc)) for j, sm, sc in args.get("loras") or []]
         known = set(CrossMergeRequest.__dataclass_fields__)
         unknown = sorted(set(args) - known)
         if unknown:
