@@ -441,8 +441,10 @@ class _Runner:
             total = float(w.sum(dtype=torch.float64 if w.dtype == torch.float64 else torch.float32))
             if math.isfinite(total):
                 return values
-        elif -limit <= float(torch.amin(w)) and float(torch.amax(w)) <= limit:  # False for NaN
-            return values
+        else:
+            lo, hi = torch.aminmax(w)  # one pass over the chunk
+            if -limit <= float(lo) and float(hi) <= limit:  # False for NaN
+                return values
         return self._does_not_fit(job, values, w, start, views, limit)
 
     def _does_not_fit(self, job: KeyJob, values, w, start: int, views, limit: float):
