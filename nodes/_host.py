@@ -15,7 +15,7 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..merger_core.errors import ModelMergerError, OutputError, ScanError
+from ..merger_core.errors import ManifestError, ModelMergerError, OutputError, ScanError
 from ..merger_core.units import human_bytes, human_seconds, mem_available  # noqa: F401  (host.human_* for the nodes)
 
 log = logging.getLogger("model_merger")
@@ -366,3 +366,34 @@ def file_signature(paths: Iterable[str]) -> list:
         except OSError:
             sig.append((os.path.abspath(p), None, None))
     return sig
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# The loras folder (one answer for Add LoRA To Manifest, Merge Models' LoRA rows, Extract/Merge LoRAs)
+
+LORA_KIND = "loras"  # ComfyUI's folder kind of LoRA files (LoraLoader's list)
+NO_LORA = "(no LoRA in the loras folder)"  # the list's only entry while there is none (a combo is never empty)
+
+
+def lora_names() -> List[str]:
+    """The LoRA files ComfyUI lists (its ``loras`` folders), .safetensors only: other formats can run code."""
+    try:
+        return [n for n in folder_paths.get_filename_list(LORA_KIND) if n.lower().endswith(".safetensors")]
+    except KeyError:  # a host without a loras folder kind
+        return []
+
+
+def lora_path(name: str) -> str:
+    """The file of a LoRA name as LoraLoader shows it; refused unless it is a .safetensors file of the loras folders."""
+    if name == NO_LORA:
+        raise ManifestError("no LoRA chosen: put a .safetensors LoRA into ComfyUI's models/loras folder, then "
+                            "refresh the page (R) and pick it")
+    if not isinstance(name, str) or not name.lower().endswith(".safetensors"):
+        raise ManifestError(f"LoRA {name!r} is not a .safetensors file (other formats can run code when loaded)")
+    try:
+        path = folder_paths.get_full_path(LORA_KIND, name)
+    except KeyError:
+        path = None
+    if path is None:
+        raise ManifestError(f"LoRA {name!r} is not in ComfyUI's loras folders")
+    return os.path.abspath(path)

@@ -34,17 +34,11 @@ WORST = 8  # modules shown in the report's energy table
 
 
 def lora_names() -> List[str]:
-    try:
-        return [n for n in host.folder_paths.get_filename_list(LORAS_KIND) if n.lower().endswith((".safetensors", ".sft"))]
-    except KeyError:
-        return []
+    return host.lora_names()
 
 
 def lora_path(name: str) -> str:
-    path = host.folder_paths.get_full_path(LORAS_KIND, name)
-    if path is None:
-        raise ModelMergerError(f"LoRA {name!r} is not in ComfyUI's loras folders")
-    return host.check_allowed(path, "LoRA")
+    return host.check_allowed(host.lora_path(name), "LoRA")
 
 
 def loras_dir() -> str:

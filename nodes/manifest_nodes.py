@@ -8,7 +8,7 @@ import hashlib
 import json
 import math
 import os
-from typing import List, Optional
+from typing import Optional
 
 from ..merger_core import manifest as mf
 from ..merger_core.manifest import scan as sc
@@ -17,33 +17,11 @@ from ..merger_core.errors import ManifestError
 from . import _host as host
 
 PASTED = "(use pasted JSON)"
-LORA_KIND = "loras"  # ComfyUI's folder kind of LoRA files (LoraLoader's list)
+LORA_KIND = host.LORA_KIND
+lora_names = host.lora_names
+lora_path = host.lora_path
 STRENGTH_LIMIT = 100.0  # LoraLoader's range, -100..100
-NO_LORA = "(no LoRA in the loras folder)"  # the list's only entry while there is none (a combo is never empty)
-
-
-def lora_names() -> List[str]:
-    """The LoRA files ComfyUI lists (its ``loras`` folders), .safetensors only: other formats can run code."""
-    try:
-        return [n for n in host.folder_paths.get_filename_list(LORA_KIND) if n.lower().endswith(".safetensors")]
-    except KeyError:  # a host without a loras folder kind
-        return []
-
-
-def lora_path(name: str) -> str:
-    """The file of a LoRA name as LoraLoader shows it; refused unless it is a .safetensors file of the loras folders."""
-    if name == NO_LORA:
-        raise ManifestError("no LoRA chosen: put a .safetensors LoRA into ComfyUI's models/loras folder, then refresh "
-                            "the page (R) and pick it")
-    if not isinstance(name, str) or not name.lower().endswith(".safetensors"):
-        raise ManifestError(f"LoRA {name!r} is not a .safetensors file (other formats can run code when loaded)")
-    try:
-        path = host.folder_paths.get_full_path(LORA_KIND, name)
-    except KeyError:
-        path = None
-    if path is None:
-        raise ManifestError(f"LoRA {name!r} is not in ComfyUI's loras folders")
-    return os.path.abspath(path)
+NO_LORA = host.NO_LORA
 
 
 def strength_problem(what: str, value) -> Optional[str]:

@@ -21,7 +21,6 @@ the current key plus the slice.
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -39,6 +38,22 @@ ROW_BLOCK = 64  # delta rows are computed in blocks of this many rows, aligned t
 
 def _row_len(shape: Sequence[int]) -> int:
     return numel(shape[1:]) if len(shape) >= 1 else 1
+
+
+def _lokr_factors(f):
+    """LoKr's two Kronecker factors, each whole or ``a @ b`` (w2 also CP), w1 widened to 4-D beside a conv w2."""
+    import torch
+
+    w1 = f["w1"] if "w1" in f else torch.mm(f["w1_a"], f["w1_b"])
+    if "w2" in f:
+        w2 = f["w2"]
+    elif "t2" in f:
+        w2 = torch.einsum("i j k l, j r, i p -> p r k l", f["t2"], f["w2_b"], f["w2_a"])
+    else:
+        w2 = torch.mm(f["w2_a"], f["w2_b"])
+    if w2.ndim == 4:
+        w1 = w1.unsqueeze(2).unsqueeze(2)
+    return w1, w2
 
 
 class ModuleDelta:
@@ -111,15 +126,7 @@ class ModuleDelta:
                 return torch.einsum("i j k l, j r, i p -> p r k l", t, b, a[:, r0:r1]).flatten(start_dim=1)
             return half(f["w1_a"], f["w1_b"], f.get("t1")) * half(f["w2_a"], f["w2_b"], f.get("t2"))
         if fmt == "lokr":
-            w1 = f["w1"] if "w1" in f else torch.mm(f["w1_a"], f["w1_b"])
-            if "w2" in f:
-                w2 = f["w2"]
-            elif "t2" in f:
-                w2 = torch.einsum("i j k l, j r, i p -> p r k l", f["t2"], f["w2_b"], f["w2_a"])
-            else:
-                w2 = torch.mm(f["w2_a"], f["w2_b"])
-            if w2.ndim == 4:
-                w1 = w1.unsqueeze(2).unsqueeze(2)
+            w1, w2 = _lokr_factors(f)
             c = w2.shape[0]
             if w1.shape[0] * c != self.shape[0]:
                 return None
@@ -133,16 +140,7 @@ class ModuleDelta:
         import torch
 
         if self.module.format == "lokr":
-            w1 = f["w1"] if "w1" in f else torch.mm(f["w1_a"], f["w1_b"])
-            if "w2" in f:
-                w2 = f["w2"]
-            elif "t2" in f:
-                w2 = torch.einsum("i j k l, j r, i p -> p r k l", f["t2"], f["w2_b"], f["w2_a"])
-            else:
-                w2 = torch.mm(f["w2_a"], f["w2_b"])
-            if w2.ndim == 4:
-                w1 = w1.unsqueeze(2).unsqueeze(2)
-            return torch.kron(w1, w2)
+            return torch.kron(*_lokr_factors(f))
         n = self.shape[0] if self.shape else 1
         return self.rows(f, 0, n)
 
