@@ -193,11 +193,16 @@ class ExtractLora:
             lines = [f"tuned: {tuned}", f"base: {base}",
                      f"rank {r}" + (f", conv rank {conv}" if conv else ", no 3x3 convs" if en is None else "")
                      + (f", energy {en:g}" if en else "") + f", dtype {dtype}"]
-            report = _report(title, lines, res, out)
-            ev.seconds = res.seconds
-            ev.status, ev.message = "done", f"LoRA extracted in {host.human_seconds(res.seconds)}: {lora_name_of(out)}"
-            host.send_text(unique_id, f"done: {lora_name_of(out)}")
-            return (load_lora_state_dict(out), report)
+            return _finish(ev, unique_id, title, lines, res, out, "LoRA extracted")
+
+
+def _finish(ev, unique_id, title, lines, res, out, done: str):
+    """The report, the done event and the node's outputs (the LoRA as LORA_MODEL, the report) after a LoRA is written."""
+    report = _report(title, lines, res, out)
+    ev.seconds = res.seconds
+    ev.status, ev.message = "done", f"{done} in {host.human_seconds(res.seconds)}: {lora_name_of(out)}"
+    host.send_text(unique_id, f"done: {lora_name_of(out)}")
+    return (load_lora_state_dict(out), report)
 
 
 class MergeLoras:
@@ -281,11 +286,7 @@ class MergeLoras:
                          + (f", lined up through {checkpoint}" if ckpt else ", lined up by module name"))
             if lrep is not None:
                 lines += lrep.lines()
-            report = _report(title, lines, res, out)
-            ev.seconds = res.seconds
-            ev.status, ev.message = "done", f"LoRAs merged in {host.human_seconds(res.seconds)}: {lora_name_of(out)}"
-            host.send_text(unique_id, f"done: {lora_name_of(out)}")
-            return (load_lora_state_dict(out), report)
+            return _finish(ev, unique_id, title, lines, res, out, "LoRAs merged")
 
 
 class ApplyLora:
