@@ -18,7 +18,9 @@ from .merge_node import (
     COMMON_RETURN_TYPES,
     MergeEvent,
     common_inputs,
+    optional_inputs,
     run_plan,
+    thread_count,
     validate_prefix,
 )
 
@@ -127,7 +129,7 @@ class TrainDifference:
             }),
         }
         req.update(common_inputs())
-        return {"required": req, "hidden": {"unique_id": "UNIQUE_ID"}}
+        return {"required": req, "optional": optional_inputs(), "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix=None):
@@ -143,13 +145,14 @@ class TrainDifference:
             return f"error: {exc}"
 
     def merge(self, model_a, model_b, model_c, alpha, alpha_blocks, device, dtype, output_mode, filename_prefix,
-              unique_id=None):
+              threads=0, unique_id=None):
         title = "Model Merger: train difference"
         with MergeEvent(title, unique_id) as ev:
             paths = [host.check_allowed(host.checkpoint_path(n), "model") for n in (model_a, model_b, model_c)]
             plan = trainmerge.plan_train_difference(*paths, alpha=float(alpha),
                                                     alpha_blocks=(alpha_blocks or "").strip() or None,
                                                     dtype=dtype, device=device)
+            plan.threads = thread_count(threads)
             header = [f"A {model_a} + train difference of (B {model_b} - C {model_c}), alpha {alpha:g}"
                       + (f", per block {alpha_blocks}" if (alpha_blocks or "").strip() else "")]
             return run_plan(plan, node_id=unique_id, output_mode=output_mode, filename_prefix=filename_prefix,
@@ -222,7 +225,7 @@ class CrossArchMerge:
             }),
         }
         req.update(common_inputs())
-        return {"required": req, "hidden": {"unique_id": "UNIQUE_ID"}}
+        return {"required": req, "optional": optional_inputs(), "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix=None):
@@ -243,14 +246,14 @@ class CrossArchMerge:
             return f"error: {exc}"
 
     def merge(self, manifest, base, combine, scale, density, drop, text_encoder, vae, scale_blocks, seed, device,
-              dtype, output_mode, filename_prefix, unique_id=None):
+              dtype, output_mode, filename_prefix, threads=0, unique_id=None):
         title = "Model Merger: cross-arch merge"
         with MergeEvent(title, unique_id) as ev:
             return self._merge(ev, manifest, base, combine, scale, density, drop, text_encoder, vae, scale_blocks,
-                               seed, device, dtype, output_mode, filename_prefix, unique_id)
+                               seed, device, dtype, output_mode, filename_prefix, threads, unique_id)
 
     def _merge(self, ev, manifest, base, combine, scale, density, drop, text_encoder, vae, scale_blocks, seed, device,
-               dtype, output_mode, filename_prefix, unique_id):
+               dtype, output_mode, filename_prefix, threads, unique_id):
         if manifest is None:
             raise ManifestError("no manifest connected")
         check_manifest_paths(manifest)
@@ -268,6 +271,7 @@ class CrossArchMerge:
             dtype=dtype,
             device=device,
             seed=int(seed),
+            threads=thread_count(threads),
             loras=[(e.path, e.strength_model, e.strength_clip) for e in manifest.loras],  # baked into the result
         )
         cp = cm.plan_cross_merge(req)

@@ -63,6 +63,36 @@ def common_inputs() -> dict:
     }
 
 
+MAX_THREADS = 256
+
+
+def optional_inputs() -> dict:
+    """The optional inputs every merging node has, after its required ones. Optional, so saved workflows and API
+    prompts made before an input existed still run: the UI stores widget values by position and appends a new
+    widget's value at the end, and an API prompt without the input runs with the function's default (0)."""
+    return {
+        "threads": ("INT", {
+            "default": 0, "min": 0, "max": MAX_THREADS, "step": 1,
+            "tooltip": "Merge worker threads on the CPU. 0 = auto: $MODEL_MERGER_THREADS if set, else the CPUs "
+                       "available to ComfyUI less one (left for hashing and writing the output). Only affects a CPU "
+                       "merge's speed; it never changes the output bytes.",
+        }),
+    }
+
+
+def thread_count(threads) -> int:
+    """The ``threads`` input as MergePlan.threads: a whole number 0..MAX_THREADS (None, a missing input: 0, auto)."""
+    if threads is None:
+        return 0
+    try:
+        value = int(threads)
+    except (TypeError, ValueError, OverflowError):
+        value = None
+    if value is None or isinstance(threads, bool) or value != threads or not 0 <= value <= MAX_THREADS:
+        raise ModelMergerError(f"threads must be a whole number from 0 (auto) to {MAX_THREADS}, not {threads!r}")
+    return value
+
+
 COMMON_RETURN_TYPES = ("MODEL", "CLIP", "VAE", "STRING")
 COMMON_RETURN_NAMES = ("MODEL", "CLIP", "VAE", "report")
 COMMON_OUTPUT_TOOLTIPS = (
@@ -254,18 +284,19 @@ class WeightedMerge:
                        "normalize and per-model weights are used; device and dtype come from this node.",
         })}
         req.update(common_inputs())
-        return {"required": req, "hidden": {"unique_id": "UNIQUE_ID"}}
+        return {"required": req, "optional": optional_inputs(), "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix=None):
         return validate_prefix(filename_prefix)
 
-    def merge(self, manifest, device, dtype, output_mode, filename_prefix, unique_id=None):
+    def merge(self, manifest, device, dtype, output_mode, filename_prefix, threads=0, unique_id=None):
         with MergeEvent("Model Merger: weighted merge", unique_id) as ev:
             if manifest is None:
                 raise ManifestError("no manifest connected")
             check_manifest_paths(manifest)
             plan = plan_from_manifest(manifest, device=device, dtype=dtype)
+            plan.threads = thread_count(threads)
             return run_plan(
                 plan,
                 node_id=unique_id,

@@ -28,7 +28,9 @@ from .merge_node import (
     COMMON_RETURN_TYPES,
     MergeEvent,
     common_inputs,
+    optional_inputs,
     run_plan,
+    thread_count,
     validate_prefix,
 )
 
@@ -172,7 +174,7 @@ class MergeModels:
             }),
         }
         req.update(common_inputs())
-        return {"required": req, "hidden": {"unique_id": "UNIQUE_ID"}}
+        return {"required": req, "optional": optional_inputs(), "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, models=None, filename_prefix=None):
@@ -195,10 +197,11 @@ class MergeModels:
         except Exception as exc:
             return f"error: {exc}"
 
-    def merge(self, models, normalize, device, dtype, output_mode, filename_prefix, unique_id=None):
+    def merge(self, models, normalize, device, dtype, output_mode, filename_prefix, threads=0, unique_id=None):
         with MergeEvent("Model Merger: merge models", unique_id) as ev:
             m = rows_manifest(models, normalize)
             plan = plan_from_manifest(m, device=device, dtype=dtype)
+            plan.threads = thread_count(threads)
             out = run_plan(plan, node_id=unique_id, output_mode=output_mode, filename_prefix=filename_prefix,
                            title=f"Model Merger: merge of {len(plan.inputs)} models (rows)"
                            + (f" with {len(m.loras)} LoRA(s) baked in" if m.loras else ""), event=ev)

@@ -56,6 +56,7 @@ class CrossMergeRequest:
     candidate_bases: Optional[Sequence[str]] = None  # for the automatic choice; default: the registered bases
     title: Optional[str] = None
     loras: Sequence[Tuple[str, float, float]] = ()  # LoRAs baked into the result: (path, strength_model, strength_clip)
+    threads: int = 0  # CPU merge workers (MergePlan.threads; 0: the default); not recorded: the bytes never depend on it
 
 
 @dataclass
@@ -447,6 +448,7 @@ def plan_cross_merge(req: CrossMergeRequest) -> CrossPlan:
         headers=headers,  # shapes are checked by prepare(), on these headers (read once)
         replay={"planner": "cross_merge", "args": _replay_args(req, len(paths))},
         loras=[LoraInput(os.fspath(p), float(sm), float(sc)) for p, sm, sc in (req.loras or ())],
+        threads=max(0, int(req.threads or 0)),
     )
     return CrossPlan(plan, base_path, reason, arch_id, arch_name, components, notes, ranking)
 
@@ -455,7 +457,7 @@ def _replay_args(req: CrossMergeRequest, n: int) -> Dict[str, object]:
     """The request as `model-merger verify` rebuilds it: the base is input 0, the models inputs 1..n."""
     import dataclasses
 
-    args = {f.name: getattr(req, f.name) for f in dataclasses.fields(req)}
+    args = {f.name: getattr(req, f.name) for f in dataclasses.fields(req) if f.name != "threads"}  # speed only
     args["models"] = list(range(1, n + 1))
     args["base"] = 0
     args["candidate_bases"] = None
