@@ -441,3 +441,85 @@ def test_notes_of_the_run_reach_the_node_report(comfy, ckpts):
     *_, report = node.merge(m, "cpu", "fp16", "disk", "checkpoints/warned", unique_id="4")
     assert "nonfinite warn" in report and key in report, report
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# threads: merge workers on the CPU, on every merging node
+
+MERGING_NODES = ["ModelMergerWeightedMerge", "ModelMergerMergeModels", "ModelMergerTrainDifference",
+                 "ModelMergerCrossArchMerge"]
+# one key of 3 x 2^18 elements: larger than one merge worker's slice, so threads=2 really splits a key's work
+BIG_KEY = ("model.diffusion_model.model_merger_test_big.weight", ("F16", (768, 1024)))
+
+
+def test_every_merging_node_has_an_optional_threads_input_after_its_widgets(comfy):
+    """Optional (old API prompts without it run) and last (old UI workflows store their widget values by position:
+    the new widget's value comes after every old one)."""
+    _host, pack = comfy
+    for node_id in MERGING_NODES:
+        types = nodes_of(pack)[node_id].INPUT_TYPES()
+        assert "threads" not in types["required"], node_id
+        assert list(types["optional"]) == ["threads"], node_id
+        typ, opts = types["optional"]["threads"]
+        assert typ == "INT" and (opts["default"], opts["min"], opts["max"]) == (0, 0, 256), node_id
+        assert "CPU" in opts["tooltip"] and "never changes the output bytes" in opts["tooltip"], node_id
+        assert "auto" in opts["tooltip"], node_id
+        assert not opts.get("control_after_generate"), node_id  # no extra widget after it
+
+
+def _run_merging_node(pack, host, node_id, names, prefix, **threads):
+    """Run a merging node in disk mode on ``names`` (checkpoint file names); returns the saved file's path."""
+    cls = nodes_of(pack)[node_id]
+    add = nodes_of(pack)["ModelMergerAddModel"]()
+    if node_id == "ModelMergerWeightedMerge":
+        m = _manifest(pack, names, [1.0, 2.0, 1.0])
+        cls().merge(m, "cpu", "fp16", "disk", prefix, unique_id="1", **threads)
+    elif node_id == "ModelMergerMergeModels":
+        rows = json.dumps([{"ckpt": n, "weight": w, "on": True} for n, w in zip(names, [1.0, 2.0, 1.0])])
+        cls().merge(rows, True, "cpu", "fp16", "disk", prefix, unique_id="1", **threads)
+    elif node_id == "ModelMergerTrainDifference":
+        cls().merge(*names, 0.7, "", "cpu", "fp16", "disk", prefix, unique_id="1", **threads)
+    else:
+        m, _ = add.add(names[1], 1.0)
+        m, _ = add.add(names[2], 2.0, manifest=m)
+        cls().merge(m, f"checkpoints/{names[0]}", "ties", 1.0, 0.2, 0.5, "delta", "base", "", 0, "cpu", "fp16",
+                    "disk", prefix, unique_id="1", **threads)
+    event = host.events[-1][1]
+    assert event["status"] == "done", event
+    return os.path.join(host.base, "output", event["output"])
+
+
+@pytest.mark.parametrize("node_id", MERGING_NODES)
+def test_threads_reaches_the_plan_and_never_changes_the_bytes(comfy, node_id, monkeypatch):
+    host, pack = comfy
+    monkeypatch.delenv("MODEL_MERGER_THREADS", raising=False)
+    folder = os.path.join(host.base, "models", "checkpoints")
+    names = [os.path.basename(p) for p in helpers.write_models(folder, 3, prefix="big", extra=dict([BIG_KEY]))]
+    runner = pack.merger_core.merge.runner
+    seen = []
+    prepare = runner.prepare
+
+    def spy(plan, *a, **kw):
+        seen.append(plan.threads)
+        return prepare(plan, *a, **kw)
+
+    monkeypatch.setattr(runner, "prepare", spy)
+    outs = {}
+    for label, kw in (("t1", {"threads": 1}), ("t2", {"threads": 2}), ("old", {})):
+        # one file name in three folders: the title in the metadata comes from the name
+        outs[label] = _run_merging_node(pack, host, node_id, names, f"checkpoints/{label}/merged", **kw)
+    assert seen == [1, 2, 0], "threads must reach MergePlan.threads (a call without it: 0, auto)"
+    digests = {label: helpers.sha256_file(p) for label, p in outs.items()}
+    assert digests["t1"] == digests["t2"] == digests["old"], digests
+
+
+def test_threads_out_of_range_is_a_clear_error(comfy, ckpts):
+    host, pack = comfy
+    m = _manifest(pack, ckpts, [1.0, 1.0, 1.0])
+    node = nodes_of(pack)["ModelMergerWeightedMerge"]()
+    for bad in (-1, 257, 1.5, "four"):
+        with pytest.raises(pack.merger_core.errors.ModelMergerError,
+                           match=r"threads must be a whole number from 0 \(auto\) to 256"):
+            node.merge(m, "cpu", "fp16", "disk", "checkpoints/bad", threads=bad, unique_id="2")
+        assert host.events[-1][1]["status"] == "failed" and "threads" in host.events[-1][1]["message"]
+    assert not os.path.exists(os.path.join(host.base, "output", "checkpoints"))
