@@ -186,7 +186,7 @@ async def _rows_node(server):
         models = json.loads(await page.js("app.graphToPrompt().then(p => p.output['1'].inputs.models)"))
         assert [r["ckpt"] for r in models] == four and models[3] == {"ckpt": four[3], "weight": 1, "on": True}
         saved = await page.js("app.graph.getNodeById(1).serialize().widgets_values")
-        assert len(saved) == 6 and json.loads(saved[0]) == models  # the rows are one value, not 17
+        assert len(saved) == 7 and json.loads(saved[0]) == models  # the rows are one value, not 17 (7: threads last)
         # undo and redo
         await page.js(f"{TRACKER}.undo().then(() => true)")
         await asyncio.sleep(0.3)
@@ -287,7 +287,8 @@ async def _block_editor(server):
           return {sliders: n.widgets.filter(w => w.type === 'slider').map(w => w.value).length,
                   names: n.widgets.map(w => w.name), saved: n.serialize().widgets_values.length}; })()""")
         assert got["sliders"] == 21 and got["names"].index("alpha_blocks preset") == got["names"].index("alpha_blocks") + 2
-        assert got["saved"] == 9  # model_a, b, c, alpha, alpha_blocks, device, dtype, output_mode, filename_prefix
+        # model_a, b, c, alpha, alpha_blocks, device, dtype, output_mode, filename_prefix, threads
+        assert got["saved"] == 10
         assert not pack_errors(page), pack_errors(page)
 
 
@@ -337,7 +338,7 @@ async def _rows_lora(server):
         assert order[:3] == three and "ckpt" in models[3] and order[3] not in three and order[4] == "style.safetensors"
         assert models[-1] == {"lora": "style.safetensors", "strength_model": 0.5, "strength_clip": -0.25, "on": True}
         saved = await page.js("app.graph.getNodeById(1).serialize().widgets_values")
-        assert len(saved) == 6 and json.loads(saved[0]) == models  # still one value
+        assert len(saved) == 7 and json.loads(saved[0]) == models  # still one value
         await page.js("(async () => { const d = app.graph.serialize(); app.graph.clear(); await app.loadGraphData(d); "
                       "return true; })()")
         await asyncio.sleep(0.3)
@@ -368,3 +369,64 @@ async def _rows_lora(server):
 
 def test_rows_node_lora_rows_in_the_browser(server):
     run(_rows_lora(server))
+
+
+MERGING = ("ModelMergerWeightedMerge", "ModelMergerMergeModels", "ModelMergerTrainDifference",
+           "ModelMergerCrossArchMerge")
+WIDGET_STATE = "(id => Object.fromEntries(app.graph.getNodeById(id).widgets.map(w => [w.name, w.value])))"
+
+
+async def _threads(server):
+    """Workflows saved before the merging nodes had ``threads`` (their widget values one shorter) load with every old
+    value on its widget and threads at 0; the prompt carries threads; a changed value is saved last and sent."""
+    async with br.Browser(server.url, 1600, 900) as page:
+        for name in TEMPLATES:
+            with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+                ui = json.load(f)
+            with open(os.path.join(ROOT, "api", name), encoding="utf-8") as f:
+                api = json.load(f)
+            merging = [n for n in ui["nodes"] if n["type"] in MERGING]
+            if not merging:
+                continue
+            full = {n["id"]: list(n["widgets_values"]) for n in merging}
+            for n in merging:
+                assert n["widgets_values"][-1] == 0, f"{name}: node {n['id']}: the template's last value is not threads"
+                n["widgets_values"] = n["widgets_values"][:-1]  # as saved before the input existed
+            await page.js(f"app.loadGraphData({json.dumps(ui)}).then(() => true)")
+            await asyncio.sleep(0.5)
+            built = await page.js("app.graphToPrompt().then(p => p.output)")
+            for n in merging:
+                nid = n["id"]
+                shown = await page.js(WIDGET_STATE + f"({nid})")
+                assert shown["threads"] == 0, f"{name}: node {nid} shows threads {shown['threads']!r}"
+                for inp, value in api[str(nid)]["inputs"].items():
+                    if not isinstance(value, list):
+                        assert shown[inp] == value, f"{name}: node {nid} widget {inp} shows {shown[inp]!r}"
+                        assert built[str(nid)]["inputs"][inp] == value, f"{name}: node {nid} input {inp}"
+                assert built[str(nid)]["inputs"]["threads"] == 0, f"{name}: node {nid}"
+                saved = await page.js(f"app.graph.getNodeById({nid}).serialize().widgets_values")
+                assert saved == full[nid], f"{name}: node {nid} saves {saved}, not {full[nid]}"
+        # a value set on the widget: saved last, sent in the prompt; the picture shows the node with it
+        with open(os.path.join(ROOT, "merge_to_graph_and_preview.json"), encoding="utf-8") as f:
+            ui = json.load(f)
+        nid = next(n["id"] for n in ui["nodes"] if n["type"] == "ModelMergerWeightedMerge")
+        await page.js(f"app.loadGraphData({json.dumps(ui)}).then(() => true)")
+        await asyncio.sleep(0.5)
+        await page.js(_widget_call(nid, "threads", 2))
+        assert (await page.js(f"app.graph.getNodeById({nid}).serialize().widgets_values"))[-1] == 2
+        assert (await page.js(f"app.graphToPrompt().then(p => p.output['{nid}'].inputs.threads)")) == 2
+        names = await page.js(f"app.graph.getNodeById({nid}).widgets.map(w => w.name)")
+        assert names[-1] == "threads", names
+        await page.js(f"""(() => {{ const n = app.graph.getNodeById({nid}); app.canvas.ds.scale = 1.5;
+          app.canvas.ds.offset = [-n.pos[0] + 40, -n.pos[1] + 80]; app.canvas.setDirty(true, true);
+          return true; }})()""")
+        await asyncio.sleep(0.5)
+        import tempfile
+
+        await page.screenshot(os.path.join(os.environ.get("MODEL_MERGER_SCREENS", tempfile.gettempdir()),
+                                           "model_merger_threads.png"))
+        assert not pack_errors(page), pack_errors(page)
+
+
+def test_threads_widget_old_workflows_load_and_the_value_is_sent(server):
+    run(_threads(server))

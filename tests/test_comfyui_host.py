@@ -342,6 +342,47 @@ def test_missing_requirements_message_in_a_real_comfyui(tmp_path):
         srv.stop()
 
 
+MERGING_NODES = ("ModelMergerWeightedMerge", "ModelMergerMergeModels", "ModelMergerTrainDifference",
+                 "ModelMergerCrossArchMerge")
+
+
+def test_threads_is_optional_old_prompts_run_and_the_bytes_do_not_change(server):
+    """``threads`` (CPU merge workers) is an optional input of every merging node: a prompt written before it existed
+    still runs, threads=2 gives the same file, and a value beyond its maximum is refused when queued."""
+    import helpers
+
+    info = server.object_info()
+    for node_id in MERGING_NODES:
+        inputs = info[node_id]["input"]
+        assert "threads" not in inputs["required"] and inputs["optional"]["threads"][0] == "INT", node_id
+        assert info[node_id]["input_order"]["optional"] == ["threads"], node_id
+
+    def prompt(prefix, **extra):
+        return {
+            "1": {"class_type": "ModelMergerAddModel", "inputs": {"ckpt_name": NAMES[0], "weight": 1.0}},
+            "2": {"class_type": "ModelMergerAddModel", "inputs": {"ckpt_name": NAMES[1], "weight": 2.0,
+                                                                  "manifest": ["1", 0]}},
+            "3": {"class_type": "ModelMergerWeightedMerge",
+                  "inputs": {"manifest": ["2", 0], "device": "cpu", "dtype": "fp16", "output_mode": "disk",
+                             "filename_prefix": prefix, **extra}},
+            "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 3]}},
+        }
+
+    old = prompt("checkpoints/threads_old/m")  # an API prompt from before the input existed
+    assert "threads" not in old["3"]["inputs"]
+    entry = server.run(old)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    entry = server.run(prompt("checkpoints/threads_2/m", threads=2))  # one name in two folders: same title
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    files = [out_dir(server, "checkpoints", d, "m_00001_.safetensors") for d in ("threads_old", "threads_2")]
+    assert helpers.sha256_file(files[0]) == helpers.sha256_file(files[1])
+    status, answer = server.queue(prompt("checkpoints/threads_bad/m", threads=999))
+    assert status == 400, answer
+    errors = json.dumps(answer["node_errors"]["3"])
+    assert "threads" in errors and "256" in errors, errors
+    assert not os.path.exists(out_dir(server, "checkpoints", "threads_bad"))
+
+
 def test_rows_node_api_twin_with_the_headless_runner(server):
     """Merge Models' rows travel in the API prompt as the models JSON string: the API twin runs headless."""
     import subprocess
