@@ -23,8 +23,10 @@ Both entry points take a :class:`~merger_core.merge.plan.MergePlan` and report t
 
 from __future__ import annotations
 
-import math
+import collections
 import dataclasses
+import gc
+import math
 import os
 import threading
 import time
@@ -40,6 +42,7 @@ from ..io.reader import Prefetcher, Unmapper, open_inputs
 from ..io.safetensors import DTYPE_SIZES, FLOAT_DTYPES, MARKER_KEYS, dtype_label, torch_dtype
 from ..io.writer import HASH_METADATA_KEY, HASH_PLACEHOLDER, StreamingWriter
 from .device import resolve_device
+from .pipeline import DevicePipeline, device_bytes
 from .metadata import build_metadata
 from .plan import KeyJob, MergePlan, PreparedMerge, prepare
 from .provenance import InputHashes
@@ -48,6 +51,7 @@ from .sinks import DictSink, FileSink
 
 CHUNK_ELEMENTS = 1 << 20  # fp32 accumulator chunk on the CPU: 4 MiB
 SLICE_ELEMENTS = 1 << 18  # what one merge worker computes at a time (fixed: the bytes never depend on the workers)
+STEP_ELEMENTS = 1 << 16  # a linear slice is computed in steps of this many: its fp32 buffers stay in the core's L2
 NOTE_KEYS = 5  # keys named in a note about values that do not fit; the rest are counted
 
 
@@ -111,17 +115,16 @@ class _Runner:
         self.pool = None  # the merge workers (CPU), started in run()
         self._local = threading.local()
         self._lock = threading.Lock()
+        self.pipe = None  # the device pipeline (merge/pipeline.py) off the CPU
         if self.on_cpu:
             self.acc = torch.empty(C, dtype=torch.float32)
             self.tmp = torch.empty(C, dtype=torch.float32)
         else:
-            n = prep.largest_numel
-            nbytes = _device_bytes(prep)  # the largest merged key at its widest element (8 bytes for F64)
+            in_bytes, out_bytes, n = device_bytes(prep)
+            if not prep.method.kind == "linear":  # tensor methods: every input of a key widened to fp32 on the device
+                in_bytes = max(in_bytes, 4 * n)
             self.acc = torch.empty(n, dtype=torch.float32, device=self.device)
-            self.dev_out = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            self.pin = self.device.type == "cuda"
-            self.staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
-            self.host_out = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+            self.pipe = DevicePipeline(torch, self.device, in_bytes, out_bytes)
 
     # -- weights and parameters per key --------------------------------------------------------------------------
     def key_weights(self, job: KeyJob) -> List[float]:
@@ -165,6 +168,10 @@ class _Runner:
                 from concurrent.futures import ThreadPoolExecutor
 
                 self.pool = ThreadPoolExecutor(max_workers=k, thread_name_prefix="model-merger-merge")
+        self.handles = handles
+        # The merge allocates little but often (views, futures); the objects that exist now (headers, key maps) need
+        # no look from the cycle collector while it runs.
+        gc.freeze()
         try:
             for idx, job in enumerate(prep.jobs):
                 if self.cancel is not None and self.cancel():
@@ -175,12 +182,13 @@ class _Runner:
                 self.delta = self.plan.key_delta(job.name) if self.plan.key_delta is not None else None
                 # scaled fp8 inputs: the value is code * scale (one float per layer)
                 self.scales = {i: _scalar(handles[i].get_tensor(name)) for i, name in job.scales.items() if i in views}
-                self.sink.begin_key(job)
+                self.current_views = views
+                # each key is emitted once, and its emission opens and closes it in the sink (begin_key/end_key):
+                # on a device one key later than it is computed
                 if self.quant is not None and self.quant_key(job, views):
                     pass  # a scaled fp8 output's marker, scale or codes
                 else:
                     self.merge_key(job, views)
-                self.sink.end_key(job)
                 if self.delta is not None and hasattr(self.delta, "release"):
                     self.delta.release()  # the LoRA factors of this key
                 self.unmapper.release(views.values())
@@ -188,7 +196,15 @@ class _Runner:
                 done_bytes += job.out_nbytes
                 if self.progress is not None:
                     self.progress(ProgressInfo(idx + 1, total, done_bytes, bytes_total, job.name, time.monotonic() - t0))
+            if self.pipe is not None:
+                self.pipe.flush(self._emit_device_key)
+            self.unmapper.flush()
+        except BaseException:
+            if self.pipe is not None:
+                self.pipe.drain()  # nothing on the device may still write into a buffer
+            raise
         finally:
+            gc.unfreeze()
             prefetch.close()
             if self.pool is not None:
                 self.pool.shutdown(wait=True)
@@ -242,9 +258,11 @@ class _Runner:
         delta = self.delta
         self.delta = self.plan.key_delta(job.name) if self.plan.key_delta is not None else None
         try:
-            self.sink.begin_key(fjob)
+            if self.pipe is not None:
+                self.pipe.flush(self._emit_device_key)  # keys before this one go to the sink they were meant for
             self.merge_key(fjob, views)
-            self.sink.end_key(fjob)
+            if self.pipe is not None:
+                self.pipe.flush(self._emit_device_key)
             return self.sink.out[job.name].reshape(-1)
         finally:
             self.sink = sink
@@ -252,8 +270,19 @@ class _Runner:
 
     # -- emitting results --------------------------------------------------------------------------------------
     def emit_cpu(self, job: KeyJob, produce: Callable[[int, int, object], None]) -> None:
-        """Fill the output of ``job`` chunk by chunk: ``produce(start, stop, dst)`` writes elements into dst."""
-        torch = self.torch
+        """Fill the output of ``job`` chunk by chunk: ``produce(start, stop, dst)`` writes elements into dst.
+
+        With merge workers, each chunk is cut into fixed slices (multiples of SLICE_ELEMENTS, whatever the number of
+        workers) that the workers compute side by side, and up to the sink's ``max_outstanding`` chunks are in
+        flight at once, so the workers never wait at a chunk's end for the next one to be handed out. Chunks are
+        committed in order, each only once all its slices are done."""
+        if self.pipe is not None:
+            self.pipe.flush(self._emit_device_key)  # keys computed on the device before this one go out first
+        self.sink.begin_key(job)
+        self._emit_chunks(job, produce)
+        self.sink.end_key(job)
+
+    def _emit_chunks(self, job: KeyJob, produce) -> None:
         out_dt = torch_dtype(job.out_dtype)
         item = DTYPE_SIZES[job.out_dtype]
         n = job.numel
@@ -261,33 +290,53 @@ class _Runner:
         room = getattr(self.sink, "chunk_bytes", None)  # a sink with fixed buffers: as many elements as fit one
         if room is not None:
             step = max(1, min(step, room // item))
-        for s in range(0, n, step):
-            e = min(n, s + step)
-            dst = self.sink.chunk((e - s) * item, out_dt)
-            if self.pool is None or e - s <= SLICE_ELEMENTS:
+        if self.pool is None or n <= SLICE_ELEMENTS:
+            for s in range(0, n, step):
+                e = min(n, s + step)
+                dst = self.sink.chunk((e - s) * item, out_dt)
                 produce(s, e, dst)
-            else:
-                self._parallel(produce, s, e, dst)
-            self.sink.commit((e - s) * item)
+                self.sink.commit((e - s) * item)
+            return
+        window = max(1, int(getattr(self.sink, "max_outstanding", 1) or 1))
+        pending: "collections.deque" = collections.deque()
+        try:
+            for s in range(0, n, step):
+                e = min(n, s + step)
+                while len(pending) >= window:
+                    self._retire(pending.popleft())
+                dst = self.sink.chunk((e - s) * item, out_dt)
+                pending.append((self._submit(produce, s, e, dst), (e - s) * item))
+            while pending:
+                self._retire(pending.popleft())
+        except BaseException:
+            for futures, _ in pending:  # no worker may still write into a buffer once this returns
+                for f in futures:
+                    f.exception()
+            raise
 
-    def _parallel(self, produce, s: int, e: int, dst) -> None:
-        """``produce`` over fixed slices of ``s..e`` (boundaries at multiples of SLICE_ELEMENTS, whatever the number
-        of workers) on the merge workers; the chunk is complete when this returns."""
+    def _submit(self, produce, s: int, e: int, dst) -> list:
+        """Queue ``produce`` over the fixed slices of ``s..e`` on the merge workers; returns their futures."""
         inference = self.torch.is_inference_mode_enabled()
 
         def one(a, b):
             with self.torch.inference_mode(inference):
                 produce(a, b, dst[a - s : b - s])
 
-        bounds = list(range(s, e, SLICE_ELEMENTS)) + [e]
-        futures = [self.pool.submit(one, a, b) for a, b in zip(bounds, bounds[1:])]
+        first = (s // SLICE_ELEMENTS + 1) * SLICE_ELEMENTS
+        bounds = [s] + list(range(first, e, SLICE_ELEMENTS)) + [e]
+        return [self.pool.submit(one, a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+    def _retire(self, item) -> None:
+        """Wait for one chunk's slices, then commit it (the first error of its slices is raised instead)."""
+        futures, nbytes = item
         errors = [f.exception() for f in futures]
         first = next((x for x in errors if x is not None), None)
         if first is not None:
             raise first
+        self.sink.commit(nbytes)
 
     def scratch(self, n: int):
-        """Two fp32 buffers of ``n`` elements for the calling thread (each worker has its own)."""
+        """Two fp32 buffers of ``n`` (at most CHUNK_ELEMENTS) elements for the calling thread (each worker has its own)."""
         if self.pool is None:
             return self.acc[:n], self.tmp[:n]
         loc = self._local
@@ -340,44 +389,56 @@ class _Runner:
             acc = self.acc[: job.numel].zero_()
             if delta is not None:
                 delta.add_to(acc, 0)
-            return self.emit_device(job, self.guard(job, acc, 0, views))
+            return self.emit_device(job, acc)
         lead = max(range(len(terms)), key=lambda k: abs(terms[k][1]))
         terms.insert(0, terms.pop(lead))
         c0 = terms[0][1]
         if self.on_cpu:
+            lead, rest = terms[0][0], [(x, c / c0) for x, c in terms[1:]]
+            delta = self.delta
+            # Steps of STEP_ELEMENTS keep the fp32 accumulator and scratch in L2 (every op after the first read of an
+            # input then runs from cache); with a LoRA delta the whole slice at once, as its row blocks are computed
+            # per call. The operations and their order are the same either way, so the bytes are too.
+            sub = CHUNK_ELEMENTS if delta is not None else STEP_ELEMENTS
+
             def produce(s, e, dst):
-                a, t = self.scratch(e - s)
-                a.copy_(terms[0][0][s:e])
-                for x, c in terms[1:]:
-                    xs = x[s:e]
-                    if xs.dtype != torch.float32:
-                        t.copy_(xs)
-                        xs = t
-                    a.add_(xs, alpha=c / c0)
-                if c0 != 1.0:
-                    a.mul_(c0)
-                if self.delta is not None:
-                    self.delta.add_to(a, s)
-                dst.copy_(self.guard(job, a, s, views))
+                af, tf = self.scratch(min(e - s, sub))
+                for s1 in range(s, e, sub):
+                    e1 = min(e, s1 + sub)
+                    a, t = af[: e1 - s1], tf[: e1 - s1]
+                    a.copy_(lead[s1:e1])
+                    for x, r in rest:
+                        xs = x[s1:e1]
+                        if xs.dtype != torch.float32:
+                            t.copy_(xs)
+                            xs = t
+                        a.add_(xs, alpha=r)
+                    if c0 != 1.0:
+                        a.mul_(c0)
+                    if delta is not None:
+                        delta.add_to(a, s1)
+                    dst[s1 - s : e1 - s].copy_(self.guard(job, a, s1, views))
 
             self.emit_cpu(job, produce)
         else:
             # the same operations in the same order as the CPU chunks (the lead term, the others scaled by c / c0,
             # then times c0), so both give the same bytes where each step rounds alike (fp32, fused multiply-add)
+            # Each input streams through the pipeline's two device buffers: the upload of the next overlaps this add.
             acc = self.acc[: job.numel]
             for k, (x, c) in enumerate(terms):
-                xd = self.to_device(x)
+                xd, slot = self.pipe.upload(x)
                 if k > 0 and xd.dtype != torch.float32:
                     xd = xd.to(torch.float32)  # as the CPU path widens each term before adding it
                 if k == 0:
                     acc.copy_(xd)
                 else:
                     acc.add_(xd, alpha=c / c0)
+                self.pipe.release(slot)
             if c0 != 1.0:
                 acc.mul_(c0)
             if self.delta is not None:
                 self.delta.add_to(acc, 0)
-            self.emit_device(job, self.guard(job, acc, 0, views))
+            self.emit_device(job, acc)
 
     def tensor_key(self, job: KeyJob, views) -> None:
         torch = self.torch
@@ -409,8 +470,8 @@ class _Runner:
         if self.delta is not None:
             result = result if result.dtype == torch.float32 else result.to(torch.float32)
             self.delta.add_to(result, 0)
-        result = self.guard(job, result, 0, views)
         if self.on_cpu:
+            result = self.guard(job, result, 0, views)
             self.emit_host(job, result.to(torch_dtype(job.out_dtype)))
         else:
             self.emit_device(job, result)
@@ -536,31 +597,47 @@ class _Runner:
             return [f"{n} held NaN/Inf or values beyond the output dtype's range, written as they are (nonfinite warn): {shown}{more}"]
         return [f"{n} held NaN/Inf or values beyond the output dtype's range, clamped to that range with NaN as 0 (nonfinite clamp): {shown}{more}"]
 
-    # -- GPU transfers -----------------------------------------------------------------------------------------
+    # -- device transfers (merge/pipeline.py) --------------------------------------------------------------------
     def to_device(self, flat):
-        """Copy a CPU view to the merge device through a pinned staging buffer."""
-        torch = self.torch
-        nbytes = flat.numel() * flat.element_size()
-        stage = self.staging[:nbytes].view(flat.dtype)
-        stage.copy_(flat)
-        out = stage.to(self.device, non_blocking=True)
-        if out.data_ptr() == stage.data_ptr():  # no copy was made (the device is the CPU): the staging is reused next
-            out = out.clone()
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # the staging buffer is reused next
+        """A device tensor of its own holding the CPU view ``flat`` (a tensor method keeps every input of a key), copied
+        through the pipeline's staging buffers."""
+        dev, slot = self.pipe.upload(flat)
+        out = dev.clone()
+        self.pipe.release(slot)
         return out
 
-    def emit_device(self, job: KeyJob, acc) -> None:
-        torch = self.torch
-        out_dt = torch_dtype(job.out_dtype)
-        nbytes = job.out_nbytes
-        dev = self.dev_out[:nbytes].view(out_dt)
-        dev.copy_(acc)
-        host = self.host_out[:nbytes].view(out_dt)
-        host.copy_(dev, non_blocking=self.pin)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        self.emit_host(job, host)
+    def emit_device(self, job: KeyJob, values) -> None:
+        """Queue the fp32 device values of ``job`` for their cast, range check and download; their bytes reach the
+        sink one key later (:meth:`_emit_device_key`), so the device never waits for the host in between."""
+        values = values if values.dtype == self.torch.float32 else values.to(self.torch.float32)
+        self.pipe.finish(job, values, self.limit(job.out_dtype), self.nonfinite == "clamp", self._emit_device_key, self.sink)
+
+    def _emit_device_key(self, job: KeyJob, host, counts, sink) -> None:
+        """A device key's bytes are back on the host (``counts``: its NaN, Inf and too-large values): decide as the
+        CPU's :meth:`guard` does, then pass the bytes to ``sink`` (the one current when the key was computed)."""
+        nan, inf, beyond = counts
+        if nan or inf or beyond:
+            if self.nonfinite == "error":
+                views = {i: self.handles[i].get_tensor(job.source_name(i))
+                         for i in ([job.copy_from] if job.copy_from is not None else job.sources)}
+                raise NonFiniteError(self._nonfinite_message(job, host, 0, views, self.limit(job.out_dtype), nan, inf, beyond))
+            with self._lock:
+                flagged = self.flagged.setdefault(job.name, [0, 0, 0])
+                self._flagged_dtype[job.name] = job.out_dtype
+                flagged[0] += nan
+                flagged[1] += inf
+                flagged[2] += beyond
+        current, self.sink = self.sink, sink
+        try:
+            sink.begin_key(job)
+
+            def produce(s, e, dst):
+                dst.copy_(host[s:e])
+
+            self._emit_chunks(job, produce)
+            sink.end_key(job)
+        finally:
+            self.sink = current
 
 
 
@@ -586,18 +663,6 @@ def check_unchanged(headers, when: str) -> None:
 def _scalar(t) -> float:
     """The one value of a scale tensor (fp32, or any float dtype)."""
     return float(t.reshape(-1)[0].float())
-
-
-def _device_bytes(prep: PreparedMerge) -> int:
-    """Bytes of the GPU path's staging and output buffers: the largest merged key (copied keys stay on the host) at
-    the widest element it reads or writes, at least 4 bytes (fp32)."""
-    most = 0
-    for job in prep.jobs:
-        if job.copy_from is not None:
-            continue
-        item = max([4, DTYPE_SIZES[job.out_dtype]] + [DTYPE_SIZES[prep.headers[i].tensors[job.source_name(i)].dtype] for i in job.sources])
-        most = max(most, job.numel * item)
-    return most
 
 
 def _read_ranges(prep: PreparedMerge) -> List[List[Tuple[int, int, int]]]:

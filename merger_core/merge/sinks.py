@@ -16,6 +16,7 @@ from ..io.writer import StreamingWriter
 from .plan import KeyJob
 
 WRITE_RING = 8  # chunk buffers queued for the writer thread
+OUTSTANDING = 4  # chunks the runner may hold at once (filled by its workers, committed in the order asked for)
 
 
 class FileSink:
@@ -24,7 +25,10 @@ class FileSink:
     and gives the buffer back. Order is kept by the queues; hashing and writing overlap each other and the merge.
     """
 
+    max_outstanding = OUTSTANDING
+
     def __init__(self, writer: StreamingWriter, chunk_bytes: int):
+        import collections
         import torch
 
         self.writer = writer
@@ -42,7 +46,7 @@ class FileSink:
         ]
         for t in self.threads:
             t.start()
-        self._slot: Optional[int] = None
+        self._slots = collections.deque()  # buffers handed out and not yet committed, oldest first
 
     def _view(self, slot: int, n: int):
         return memoryview(self.buffers[slot][:n].numpy())
@@ -73,17 +77,18 @@ class FileSink:
                 self.free.put(item[0])
 
     def chunk(self, nbytes: int, dtype):
-        """A 1-D buffer of ``dtype`` with room for ``nbytes`` (at most :attr:`chunk_bytes`) to fill, then :meth:`commit`."""
+        """A 1-D buffer of ``dtype`` with room for ``nbytes`` (at most :attr:`chunk_bytes`) to fill, then :meth:`commit`.
+        Up to :attr:`max_outstanding` chunks may be held at once; each :meth:`commit` hands on the oldest."""
         if self.error is not None:
             raise self.error
         if nbytes > self.chunk_bytes:
             raise ValueError(f"a chunk of {nbytes} bytes does not fit the writer's {self.chunk_bytes}-byte buffers")
-        self._slot = self.free.get()
-        return self.buffers[self._slot][:nbytes].view(dtype)
+        slot = self.free.get()
+        self._slots.append(slot)
+        return self.buffers[slot][:nbytes].view(dtype)
 
     def commit(self, nbytes: int):
-        self.todo.put((self._slot, nbytes))
-        self._slot = None
+        self.todo.put((self._slots.popleft(), nbytes))
 
     def begin_key(self, job: KeyJob):
         pass
@@ -108,11 +113,13 @@ class DictSink:
     """Builds a state dict of CPU tensors (graph mode)."""
 
     chunk_bytes = None  # any chunk size: each key is one tensor
+    max_outstanding = OUTSTANDING
 
     def __init__(self):
         self.out: Dict[str, object] = {}
         self._cur = None
-        self._pos = 0
+        self._pos = 0  # elements committed
+        self._given = 0  # elements handed out (committed or not)
 
     def begin_key(self, job: KeyJob):
         import torch
@@ -120,11 +127,14 @@ class DictSink:
         self._cur = torch.empty(job.numel, dtype=torch_dtype(job.out_dtype))
         self.out[job.name] = self._cur
         self._pos = 0
+        self._given = 0
         self._job = job
 
     def chunk(self, nbytes: int, dtype):
         item = self._cur.element_size()
-        return self._cur[self._pos : self._pos + nbytes // item]
+        start = self._given
+        self._given += nbytes // item
+        return self._cur[start : self._given]
 
     def commit(self, nbytes: int):
         self._pos += nbytes // self._cur.element_size()
