@@ -424,6 +424,7 @@ class Measured:
     stdout: str = ""
     stderr: str = ""
     engine_s: Optional[float] = None  # time reported by the child itself, when it prints one
+    user_s: float = 0.0  # user CPU of the process tree (cpu_s = user + system)
 
 
 def run_measured(cmd: Sequence[str], cwd: Optional[str] = None, env: Optional[dict] = None, interval: float = 0.02) -> Measured:
@@ -453,7 +454,7 @@ def run_measured(cmd: Sequence[str], cwd: Optional[str] = None, env: Optional[di
         t.join()
     cpu = ru.ru_utime + ru.ru_stime
     return Measured(wall, cpu, proc.returncode, sampler.peak_anon, sampler.peak_file,
-                    sampler.samples, max(0.0, busy - cpu), "".join(bufs["out"]), "".join(bufs["err"]))
+                    sampler.samples, max(0.0, busy - cpu), "".join(bufs["out"]), "".join(bufs["err"]), user_s=ru.ru_utime)
 
 
 # ---------------------------------------------------------------------------------------------------------------

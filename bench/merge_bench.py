@@ -48,7 +48,10 @@ API_SCRIPT = r"""
 import os, sys, time
 from merger_core.merge import MergeInput, MergePlan, merge_to_file
 out = sys.argv[-1]
-plan = MergePlan([MergeInput(p, 1.0) for p in sys.argv[1:-1]], method="weighted_sum", dtype="fp16", device="cpu")
+method = os.environ.get("MM_BENCH_METHOD", "weighted_sum")
+params = {"ties": {"density": 0.2}}.get(method, {})
+plan = MergePlan([MergeInput(p, 1.0) for p in sys.argv[1:-1]], method=method, params=params, dtype="fp16", device="cpu",
+                 threads=int(os.environ.get("MM_BENCH_THREADS", "0")))
 t0 = time.monotonic()
 r = merge_to_file(plan, out, overwrite=True, input_hashes=os.environ.get("MM_BENCH_HASHES") != "off")
 print("engine_seconds", round(time.monotonic() - t0, 3))
@@ -93,16 +96,23 @@ def cli_available() -> bool:
     return r.returncode == 0 and "--no-progress" in r.stdout
 
 
-def make_manifest(inputs: List[str], path: str) -> None:
-    r = subprocess.run([PY, "-m", "merger_core", "scan", *inputs, "-o", path], cwd=common.REPO, capture_output=True, text=True)
+def make_manifest(inputs: List[str], path: str, method: str = "weighted_sum") -> None:
+    r = subprocess.run([PY, "-m", "merger_core", "scan", *inputs, "-o", path, "--method", method], cwd=common.REPO,
+                       capture_output=True, text=True)
     if r.returncode != 0 or not os.path.isfile(path):
         raise RuntimeError(f"model-merger scan failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
+    if method == "ties":  # the first input is the base; density 0.2 as in issue 10's measurements
+        with open(path) as f:
+            doc = json.load(f)
+        doc["params"] = {"density": 0.2}
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=2)
 
 
-def merge_command(runner: str, inputs: List[str], out: str, manifest: str, hashes: str = "run") -> List[str]:
+def merge_command(runner: str, inputs: List[str], out: str, manifest: str, hashes: str = "run", threads: int = 0) -> List[str]:
     if runner == "cli":
         return [PY, "-m", "merger_core", "merge", manifest, "-o", out, "--overwrite", "--no-progress"] + (
-            ["--no-input-hashes"] if hashes == "off" else [])
+            ["--no-input-hashes"] if hashes == "off" else []) + (["--threads", str(threads)] if threads else [])
     if runner == "api":
         return [PY, "-c", API_SCRIPT, *inputs, out]
     if runner == "naive":
@@ -117,7 +127,8 @@ def output_bytes_for(inputs: List[str]) -> int:
 
 def measure_one(layout: str, n: int, mode: str, runner: str, inputs: List[str], data_dir: str, log: Log,
                 pyspy: Optional[str] = None, repeat: int = 1, wait_idle: float = 0,
-                out_dir: Optional[str] = None, hashes: str = "run") -> Dict[str, object]:
+                out_dir: Optional[str] = None, hashes: str = "run", threads: int = 0,
+                method: str = "weighted_sum") -> Dict[str, object]:
     """Floor and merge, ``repeat`` times each; the fastest floor and the fastest merge are kept, the peak memory
     is the largest seen. ``out_dir`` (e.g. a tmpfs such as /dev/shm) receives the output and the floor's write:
     warm and on a tmpfs, the floor is the memory floor that no disk hides. ``hashes``: ``run`` merges with an empty
@@ -139,7 +150,7 @@ def measure_one(layout: str, n: int, mode: str, runner: str, inputs: List[str], 
     engine_s = ""
     try:
         if runner == "cli":
-            make_manifest(inputs, manifest)
+            make_manifest(inputs, manifest, method)
         for _ in range(repeat):
             # --- floor
             if wait_idle:
@@ -157,13 +168,14 @@ def measure_one(layout: str, n: int, mode: str, runner: str, inputs: List[str], 
             cached = common.cached_fraction(inputs)
             if wait_idle:
                 common.wait_for_quiet(timeout=wait_idle, log=log)
-            cmd = merge_command(runner, inputs, out, manifest, hashes)
+            cmd = merge_command(runner, inputs, out, manifest, hashes, threads)
             if pyspy:
                 cmd = ["py-spy", "record", "-o", pyspy, "-r", "50", "--idle", "-t", "-f", "raw", "--", *cmd]
             import tempfile
 
             with tempfile.TemporaryDirectory(prefix="merge-bench-home-") as home:  # an empty hash cache each run
-                env = dict(os.environ, MODEL_MERGER_HOME=home, MM_BENCH_HASHES=hashes)
+                env = dict(os.environ, MODEL_MERGER_HOME=home, MM_BENCH_HASHES=hashes, MM_BENCH_METHOD=method,
+                           MM_BENCH_THREADS=str(threads))
                 m = common.run_measured(cmd, cwd=common.REPO, env=env)
             if m.returncode != 0:
                 log(f"!! {runner} merge failed (exit {m.returncode}):\n{m.stderr.strip()[-3000:]}")
@@ -184,7 +196,9 @@ def measure_one(layout: str, n: int, mode: str, runner: str, inputs: List[str], 
     ncpu = os.cpu_count() or 1
     row = {
         "layout": layout,
+        "method": method,
         "N": n,
+        "K": threads or "default",
         "mode": mode,
         "runner": runner,
         "hashes": hashes if runner != "naive" else "",
@@ -198,6 +212,7 @@ def measure_one(layout: str, n: int, mode: str, runner: str, inputs: List[str], 
         "engine s": f"{best.engine_s:.1f}" if getattr(best, "engine_s", None) else "",
         "ratio": f"{best.wall_s / floor.total_s:.2f}x" if ok else "",
         "CPU s": f"{best.cpu_s:.1f}",
+        "user CPU s": f"{best.user_s:.1f}",
         "others CPU": f"{best.others_cpu_s / (best.wall_s * ncpu) * 100:.0f}%",
         "peak private GiB": f"{peak / GiB:.2f}",
         "_ratio": best.wall_s / floor.total_s if ok else None,
@@ -222,8 +237,33 @@ def verdict(row: Dict[str, object]) -> str:
     return ", ".join(parts)
 
 
-COLUMNS = ["layout", "N", "mode", "runner", "hashes", "runs", "input GB", "cached", "floor read s", "floor write s", "floor s",
-           "merge s", "engine s", "ratio", "CPU s", "others CPU", "peak private GiB", "target"]
+COLUMNS = ["layout", "method", "N", "K", "mode", "runner", "hashes", "runs", "input GB", "cached", "floor read s",
+           "floor write s", "floor s", "merge s", "engine s", "ratio", "CPU s", "user CPU s", "others CPU",
+           "peak private GiB", "target"]
+
+
+def scaling(rows: List[Dict[str, object]]) -> List[str]:
+    """Issue 10's lines: K = 2 against K = 1 (same layout, method, N, mode, hashes), and cold user CPU against warm."""
+    lines = []
+    key = lambda r: (r["layout"], r["method"], r["N"], r["mode"], r["hashes"])  # noqa: E731
+    by = {}
+    for r in rows:
+        if r["runner"] != "naive" and r["_ok"]:
+            by.setdefault(key(r), {})[r["K"]] = r
+    for k, ks in by.items():
+        if 1 in ks and 2 in ks:
+            a, b = float(ks[1]["merge s"]), float(ks[2]["merge s"])
+            want = " (target >= 1.6x)" if k[1] == "ties" else ""
+            lines.append(f"{k[0]} {k[1]} N={k[2]} {k[3]} hashes={k[4]}: K=2 is {a / b:.2f}x as fast as K=1{want}")
+    for k, ks in by.items():
+        if k[3] == "cold":
+            warm = by.get((k[0], k[1], k[2], "warm", k[4]), {})
+            for kk, r in ks.items():
+                if kk in warm:
+                    cu, wu = float(r["user CPU s"]), float(warm[kk]["user CPU s"])
+                    lines.append(f"{k[0]} {k[1]} N={k[2]} K={kk} hashes={k[4]}: user CPU cold {cu:.1f} s / warm {wu:.1f} s"
+                                 f" = {cu / wu:.2f}x (target <= 1.2x)")
+    return lines
 
 
 def flatness(rows: List[Dict[str, object]]) -> List[str]:
@@ -288,6 +328,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--hashes", nargs="+", default=["run", "off"], choices=["run", "off"],
                     help="run: an empty hash cache, so the inputs are hashed during the merge (SHA-256 for the recipe); "
                          "off: --no-input-hashes (default: both)")
+    ap.add_argument("--threads", nargs="+", type=int, default=[0], metavar="K",
+                    help="merge workers to measure (0: the engine's default), e.g. --threads 1 2")
+    ap.add_argument("--method", default="weighted_sum", choices=["weighted_sum", "ties"],
+                    help="ties: the first input is the base, density 0.2")
     ap.add_argument("--out-dir", default=None, metavar="DIR",
                     help="write the output (and the floor's write) here, e.g. /dev/shm for the memory floor")
     args = ap.parse_args(argv)
@@ -330,10 +374,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 log(f"(naive baseline skipped for {layout} N={n}: needs ~{need / GiB:.0f} GiB of RAM)")
                         for rn in runners:
                             for hashes in (args.hashes if rn != "naive" else ["off"]):
-                                prof = f"{args.pyspy}_{layout}_{n}_{mode}_{hashes}.txt" if (args.pyspy and rn != "naive") else None
+                              for k in (args.threads if rn != "naive" else [0]):
+                                prof = f"{args.pyspy}_{layout}_{n}_{mode}_{hashes}_k{k}.txt" if (args.pyspy and rn != "naive") else None
                                 row = measure_one(layout, n, mode, rn, inputs[:n], args.data_dir, log, prof, args.repeat,
-                                                  args.wait_idle, out_dir=args.out_dir, hashes=hashes)
-                                row["target"] = verdict(row) if n == 4 else ""
+                                                  args.wait_idle, out_dir=args.out_dir, hashes=hashes, threads=k,
+                                                  method=args.method if rn != "naive" else "weighted_sum")
+                                row["target"] = verdict(row) if n == 4 and args.method == "weighted_sum" else ""
                                 rows.append(row)
                                 log(common.format_table([row], COLUMNS).splitlines()[-1])
             finally:
@@ -346,6 +392,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         log("")
         log(common.format_table(rows, COLUMNS))
         for line in flatness(rows):
+            log(line)
+        for line in scaling(rows):
             log(line)
         return 0
     finally:
