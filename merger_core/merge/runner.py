@@ -154,7 +154,8 @@ class _Runner:
         bytes_total = prep.output_bytes
         done_bytes = 0
         t0 = time.monotonic()
-        prefetch = Prefetcher([h.path for h in prep.headers], _read_ranges(prep))
+        bases = [getattr(h, "address", None) for h in handles]
+        prefetch = Prefetcher([h.path for h in prep.headers], _read_ranges(prep), bases if None not in bases else None)
         threads = self.torch.get_num_threads()
         k = _common.workers() if not self.plan.threads else int(self.plan.threads)
         limit = _common.use_workers(k)
@@ -471,8 +472,11 @@ class _Runner:
             result = result if result.dtype == torch.float32 else result.to(torch.float32)
             self.delta.add_to(result, 0)
         if self.on_cpu:
-            result = self.guard(job, result, 0, views)
-            self.emit_host(job, result.to(torch_dtype(job.out_dtype)))
+            # checked and narrowed slice by slice on the merge workers, straight into the sink's buffers
+            def narrow(s, e, dst):
+                dst.copy_(self.guard(job, result[s:e], s, views))
+
+            self.emit_cpu(job, narrow)
         else:
             self.emit_device(job, result)
 
