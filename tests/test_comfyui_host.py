@@ -27,6 +27,12 @@ NAMES = ["model_a.safetensors", "model_b.safetensors", "model_c.safetensors", "m
 SMALL_RENDER = {"6.width": 64, "6.height": 64, "7.steps": 1}
 
 
+def pack_import_failures(log: str):
+    """The log lines where ComfyUI says it could not import this pack (not its own optional nodes, such as the audio
+    nodes that fail without torchaudio, which no pack can help)."""
+    return [l for l in log.splitlines() if "IMPORT FAILED" in l and cs.PACK_DIR_NAME in l]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     files = comfy_fixtures.ensure_checkpoints(count=4)
@@ -60,7 +66,7 @@ def test_pack_imports_and_lists_every_node(server):
     import comfy_stub
 
     log = server.log()
-    assert "IMPORT FAILED" not in log, log[-3000:]
+    assert not pack_import_failures(log), log[-3000:]
     assert os.path.join("custom_nodes", cs.PACK_DIR_NAME) in log  # listed among the imported packs
     host, pack = comfy_stub.install(os.path.join(server.base, "stub"))
     try:
@@ -327,7 +333,7 @@ def test_missing_requirements_message_in_a_real_comfyui(tmp_path):
     srv = cs.ComfyServer(base, extra_env={"PYTHONPATH": str(hide)}).start()
     try:
         log = srv.log()
-        assert "IMPORT FAILED" not in log, log[-3000:]
+        assert not pack_import_failures(log), log[-3000:]
         lines = [l for l in log.splitlines() if "jsonschema" in l]
         assert len(lines) == 1 and "-m pip install -r" in lines[0] and "requirements.txt" in lines[0], lines
         entry = srv.run({
