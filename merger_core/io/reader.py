@@ -61,7 +61,7 @@ class Prefetcher:
     def advance(self, index: int):
         with self.cond:
             self.position = index
-            self.cond.notify()
+            self.cond.notify_all()
 
     def _run(self):
         fds = []
@@ -75,7 +75,7 @@ class Prefetcher:
             read_next = 0  # the next key whose reads are asked for
             map_next = 0  # the next key whose pages are mapped
             total = len(self.ranges)
-            while map_next < total or read_next < total:
+            while True:
                 with self.cond:
                     while True:
                         if self.stop:
@@ -83,28 +83,28 @@ class Prefetcher:
                         pos = self.position
                         map_next = max(map_next, pos)
                         read_next = max(read_next, pos)
-                        can_map = populate is not None and map_next < read_next and cum[map_next] - cum[pos] < POPULATE_BYTES
                         can_read = read_next < total and cum[read_next] - cum[pos] < PREFETCH_BYTES
-                        if can_map or can_read or (populate is None and read_next >= total):
+                        can_map = populate is not None and map_next < read_next and cum[map_next] - cum[pos] < POPULATE_BYTES
+                        if can_read or can_map:
                             break
-                        if map_next >= total and read_next >= total:
+                        if read_next >= total and (populate is None or map_next >= total):
                             return
                         self.cond.wait(0.5)
-                if can_map:
+                # the disk reads first, as far ahead as the window allows (these calls do not wait for the disk) ...
+                while read_next < total and cum[read_next] - cum[pos] < PREFETCH_BYTES:
+                    for i, off, n in self.ranges[read_next]:
+                        # One WILLNEED reads at most the device's read-ahead window: ask in steps of it.
+                        for o in range(off, off + n, step):
+                            os.posix_fadvise(fds[i], o, min(step, off + n - o), os.POSIX_FADV_WILLNEED)
+                    read_next += 1
+                # ... then the pages of the next key are mapped in (this waits for its reads to complete)
+                if populate is not None and map_next < read_next and cum[map_next] - cum[pos] < POPULATE_BYTES:
                     for i, off, n in self.ranges[map_next]:
                         if n and not populate(self.bases[i] + off, n):
                             populate = None  # not supported here, or the file went away: hints only
                             break
                         self.populated += n
                     map_next += 1
-                elif can_read:
-                    for i, off, n in self.ranges[read_next]:
-                        # One WILLNEED reads at most the device's read-ahead window: ask in steps of it.
-                        for o in range(off, off + n, step):
-                            os.posix_fadvise(fds[i], o, min(step, off + n - o), os.POSIX_FADV_WILLNEED)
-                    read_next += 1
-                else:
-                    return
         except OSError:
             return  # read-ahead is only a hint
         finally:
@@ -114,7 +114,7 @@ class Prefetcher:
     def close(self):
         with self.cond:
             self.stop = True
-            self.cond.notify()
+            self.cond.notify_all()
         if self.thread is not None:
             self.thread.join()
 
@@ -146,7 +146,7 @@ def _populate_fn():
 class Unmapper:
     """Unmaps the pages of input tensors once their key is merged (Linux ``madvise(MADV_DONTNEED)``).
 
-    ``safe_open`` hands out views of a private, read-only-in-practice mapping of each input. Without this, every
+    :class:`MappedInput` hands out views of a private, read-only-in-practice mapping of each input. Without this, every
     page read stays mapped until the files are closed, so the process's RSS grows to the size of all inputs (page
     cache, not private memory, but it is what task managers show and what an RSS limit counts). The pages stay in
     the page cache; only this process's mapping of them goes. A view is released only if it lies entirely inside
