@@ -120,9 +120,7 @@ class _Runner:
             self.acc = torch.empty(C, dtype=torch.float32)
             self.tmp = torch.empty(C, dtype=torch.float32)
         else:
-            in_bytes, out_bytes, n = device_bytes(prep)
-            if not prep.method.kind == "linear":  # tensor methods: every input of a key widened to fp32 on the device
-                in_bytes = max(in_bytes, 4 * n)
+            in_bytes, out_bytes, n = device_bytes(prep)  # inputs travel in their file dtype and are widened there
             self.acc = torch.empty(n, dtype=torch.float32, device=self.device)
             self.pipe = DevicePipeline(torch, self.device, in_bytes, out_bytes)
 
