@@ -1,16 +1,41 @@
-"""Helpers shared by the tensor methods: slice-wise widening to fp32 and an exact top-k threshold.
+"""Helpers shared by the tensor methods: slice-wise widening to fp32, per-thread scratch buffers, a pool of worker
+threads for slices, and an exact top-k threshold.
 
 Methods that set ``native_inputs`` receive the inputs of one key in their file dtype (memory-mapped views on the
-CPU) and walk them in slices of :data:`SLICE` elements, so their working memory does not grow with the number of
-models.
+CPU) and walk them in slices, so their working memory does not grow with the number of models.
+
+Slice boundaries are fixed multiples of :data:`SLICE` whatever the slice size or the number of threads, so every
+elementwise op sees the same elements in its vectorized blocks and its scalar tail as it always has: the bytes of a
+result never depend on the slicing or on the threads.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Iterator, Tuple
 
-SLICE = 1 << 15  # elements per slice (128 KiB in fp32): cache-resident, and at torch's parallel grain size, so each op runs on one thread without OpenMP hand-offs
+SLICE = 1 << 15  # the unit of slice boundaries (and the slice of methods that sum per slice, such as SLERP's dot products)
+WORK = 1 << 16  # elements per slice of elementwise work on one thread (256 KiB in fp32): a few such buffers stay in
+# a core's L2 cache, and each op on them is long enough that torch's per-call cost (about 2 us) stays small
+WORK_THREADED = 1 << 18  # ... with several worker threads: longer ops. Every torch op releases the GIL and takes it
+# back; when another thread holds it then, the caller sleeps, and waking a sleeping thread costs tens of
+# microseconds on a virtual machine (the other thread usually takes the GIL back first). Ops shorter than that make
+# two threads slower than one (TIES at 32 Ki-element slices: 41 s on two threads, 34 s on one); ops of 256 Ki
+# elements (50-100 us each) scale to about 1.9x on two cores.
+SERIAL_BELOW = 1 << 19  # a range of fewer elements runs on the calling thread: it is short, or the caller is itself
+# one of several workers (the engine hands element-wise methods 256 Ki-element chunks on its own threads)
+
+
+def work_size(n: int) -> int:
+    """Elements per slice for elementwise work over ``n`` elements on :func:`workers` threads: a multiple of
+    :data:`SLICE` (so results never depend on it), :data:`WORK` on one thread, up to :data:`WORK_THREADED` on
+    several, but small enough that each thread gets a few slices of the range."""
+    k = workers()
+    if k <= 1 or n < SERIAL_BELOW:
+        return WORK
+    size = min(WORK_THREADED, max(WORK, n // (4 * k)))
+    return max(SLICE, size - size % SLICE)
 
 
 def slices(n: int, size: int = SLICE) -> Iterator[Tuple[int, int]]:
@@ -58,12 +83,13 @@ def workers() -> int:
 
 def run_slices(n: int, fn, size: int = SLICE) -> list:
     """``[fn(s, e) for each slice of 0..n]``, in order. The slices are handed to worker threads in runs of a few
-    (torch releases the GIL inside its ops), so every core is used while each op stays single-threaded and
-    cache-resident. The result does not depend on the number of threads."""
+    (torch and numpy release the GIL inside their ops), so every core is used while each op stays single-threaded
+    and cache-resident. A range below :data:`SERIAL_BELOW` elements runs on the calling thread. The result does
+    not depend on the number of threads."""
     global _POOL, _POOL_SIZE
     sl = list(slices(n, size))
     k = workers()
-    if k <= 1 or len(sl) < 2 * k:
+    if k <= 1 or len(sl) < 2 or n < SERIAL_BELOW:
         return [fn(s, e) for s, e in sl]
     if _POOL is None or _POOL_SIZE != k:
         from concurrent.futures import ThreadPoolExecutor
@@ -72,7 +98,7 @@ def run_slices(n: int, fn, size: int = SLICE) -> list:
         _POOL_SIZE = k
     import torch
 
-    per = max(1, min(16, len(sl) // (4 * k)))  # several runs per thread: a slowed core does not hold the rest
+    per = max(1, min(8, len(sl) // (4 * k)))  # several runs per thread: a slowed core does not hold the rest
     groups = [sl[i : i + per] for i in range(0, len(sl), per)]
     # Inference mode is per thread: ComfyUI runs nodes inside torch.inference_mode(), so tensors made by the caller
     # are inference tensors, which the workers may only update in place inside the same mode.
@@ -84,6 +110,56 @@ def run_slices(n: int, fn, size: int = SLICE) -> list:
 
     futures = [_POOL.submit(run, g) for g in groups]
     return [r for f in futures for r in f.result()]
+
+
+_TLS = threading.local()
+
+
+def scratch(tag: str, count: int, size: int, dtype=None, zeros: bool = False) -> list:
+    """``count`` CPU buffers of ``size`` elements (fp32 unless ``dtype``) owned by the calling thread and reused by
+    every call with the same ``tag``: no allocation and no page faults per slice. A caller uses its buffers only
+    until it returns (a tag is not used by two nested callers on one thread). Buffers made inside inference mode
+    are kept apart from the others (an inference tensor may not be updated in place outside that mode).
+    ``zeros``: the buffers are made zero-filled, for a caller that only reads them (tag ``"zeros"``)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    cache = getattr(_TLS, "bufs", None)
+    if cache is None:
+        cache = _TLS.bufs = {}
+    key = (tag, dtype, torch.is_inference_mode_enabled())
+    have = cache.get(key)
+    if have is None or len(have) < count or have[0].numel() < size:
+        make = torch.zeros if zeros else torch.empty
+        cache[key] = have = [make(size, dtype=dtype) for _ in range(count)]
+    return have[:count]
+
+
+def np_scratch(tag: str, count: int, size: int, dtype=None) -> list:
+    """Like :func:`scratch` for numpy arrays (bool unless ``dtype``)."""
+    import numpy as np
+
+    dtype = np.dtype(dtype or np.bool_)
+    cache = getattr(_TLS, "np_bufs", None)
+    if cache is None:
+        cache = _TLS.np_bufs = {}
+    key = (tag, dtype)
+    have = cache.get(key)
+    if have is None or len(have) < count or have[0].size < size:
+        cache[key] = have = [np.empty(size, dtype=dtype) for _ in range(count)]
+    return have[:count]
+
+
+def empty_f32(n: int):
+    """A new 1-D fp32 CPU tensor of ``n`` elements for a key-sized result. Its memory comes from numpy, which asks
+    the kernel for transparent huge pages on large blocks (madvise): filling a fresh 60 MB result then takes about
+    30 page faults instead of 15 000, which made up a tenth of TIES's time."""
+    import numpy as np
+    import torch
+
+    if n < (1 << 20):
+        return torch.empty(n, dtype=torch.float32)
+    return torch.from_numpy(np.empty(n, dtype=np.float32))
 
 
 def f32(t):
@@ -100,8 +176,27 @@ def operand(t):
     return t if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.to(torch.float32)
 
 
+def widen_into(buf, t):
+    """``t`` (any float dtype, same number of elements as ``buf``) written into the fp32 buffer ``buf`` with the
+    values ``t.to(torch.float32)`` has (fp16, bf16 and fp8 exactly, fp64 rounded to nearest); returns ``buf``."""
+    import torch
+
+    if t.dtype.is_floating_point and t.dtype.itemsize == 1:  # fp8: through torch's own conversion, as before
+        return buf.copy_(t.to(torch.float32))
+    return buf.copy_(t)
+
+
 def flat(t):
     return t.reshape(-1)
+
+
+def kth_smallest_np(a, k: int):
+    """The ``k``-th smallest (1-based) element of the 1-D float numpy array ``a``, as a 0-dim numpy value. NaN
+    ranks above every number, as in ``torch.kthvalue`` and ``torch.sort``. ``numpy.partition`` is an introselect:
+    exact, and several times faster on the CPU than ``torch.kthvalue``."""
+    import numpy as np
+
+    return np.partition(a, k - 1)[k - 1]
 
 
 def kth_largest(a, count: int):
@@ -115,6 +210,10 @@ def kth_largest(a, count: int):
     if count <= 0:
         return None
     if n <= (1 << 18):
+        if a.device.type == "cpu" and a.dtype == torch.float32:
+            import numpy as np
+
+            return torch.from_numpy(np.array(kth_smallest_np(a.contiguous().numpy(), n - count + 1), dtype=np.float32).reshape(()))
         return torch.kthvalue(a, n - count + 1).values
     step = max(1, n // (1 << 16))
     sample = a[::step].contiguous()
@@ -134,34 +233,129 @@ def kth_largest(a, count: int):
     return torch.kthvalue(a, n - count + 1).values
 
 
+def _bracket_indices(m: int, n: int, count: int, sigmas=None):
+    """Positions in the sorted sample of ``m`` values of a bracket around the ``count``-th largest of ``n``: a
+    margin of ``4/sqrt(m)`` in quantile either side (at least 8 standard deviations of the sample quantile; the
+    bracket the search has always used), or ``sigmas`` standard deviations, kept inside that one."""
+    q = 1.0 - count / n
+    margin = 4.0 / (m ** 0.5) + 1.0 / m
+    i_lo = int(max(0.0, q - margin) * (m - 1))
+    i_hi = min(m - 1, int(min(1.0, q + margin) * (m - 1)) + 1)
+    if sigmas is None:
+        return i_lo, i_hi
+    narrow = sigmas * (max(q * (1.0 - q), 1.0 / m) / m) ** 0.5 + 2.0 / m
+    return max(i_lo, int(max(0.0, q - narrow) * (m - 1))), min(i_hi, int(min(1.0, q + narrow) * (m - 1)) + 1)
+
+
+def bracket(sample, n: int, count: int):
+    """The sampled bracket ``(lo, hi)`` of the ``count``-th largest of ``n`` values (``sample``: a strided subset of
+    them, 1-D, CPU or device): the sample's order statistics a few standard deviations either side of the
+    threshold's quantile. Only where an exact search looks depends on it, never what it finds."""
+    i_lo, i_hi = _bracket_indices(sample.numel(), n, count)
+    if sample.device.type == "cpu":
+        import numpy as np
+
+        s = sample.float().contiguous().numpy()
+        part = np.partition(s, [i_lo, i_hi])  # the sorted sample's elements i_lo and i_hi (NaN last, as in a sort)
+        return float(part[i_lo]), float(part[i_hi])
+    import torch
+
+    ss = torch.sort(sample).values
+    return float(ss[i_lo]), float(ss[i_hi])
+
+
+NARROW_SIGMAS = 6.0
+
+
+def brackets(sample, n: int, count: int):
+    """``(narrow, wide)`` brackets ``(lo, hi)`` from a CPU ``sample``: ``wide`` is :func:`bracket`'s, ``narrow``
+    (inside it) spans :data:`NARROW_SIGMAS` standard deviations of the sample quantile, about a third of its width.
+    Gathering the values inside a bracket costs in proportion to how many there are (numpy's boolean gather
+    branches on every kept value), so the search tries the narrow one first and the wide one only if the
+    threshold is outside it (a sample that misrepresents the key)."""
+    import numpy as np
+
+    m = sample.numel()
+    i_lo, i_hi = _bracket_indices(m, n, count)
+    j_lo, j_hi = _bracket_indices(m, n, count, NARROW_SIGMAS)
+    s = sample.float().contiguous().numpy()
+    part = np.partition(s, sorted({i_lo, j_lo, j_hi, i_hi}))  # sorted-sample elements (NaN last, as in a sort)
+    return (float(part[j_lo]), float(part[j_hi])), (float(part[i_lo]), float(part[i_hi]))
+
+
+class BandScan:
+    """One pass of the exact threshold search for one value stream (a model's ``|M - base|``) over slices of a key.
+
+    :meth:`add` takes the fp32 values of a slice (a numpy view): it counts those above ``hi`` and keeps a copy of
+    those in ``[lo, hi]`` (NaN is in neither). Comparisons write numpy bool arrays (SIMD; torch's comparisons into
+    bool are several times slower on the CPU) and the band is gathered by boolean indexing. :meth:`result` gives
+    the ``count``-th largest value when the band holds it, else None (the caller falls back to a full select)."""
+
+    def __init__(self, lo: float, hi: float):
+        self.lo, self.hi = lo, hi
+
+    def scan(self, x, mask_a, mask_b):
+        """Count and band of one slice (``x``: fp32 numpy view; masks: bool scratch of its size)."""
+        import numpy as np
+
+        np.greater(x, np.float32(self.hi), out=mask_a)
+        above = int(np.count_nonzero(mask_a))
+        np.greater_equal(x, np.float32(self.lo), out=mask_b)
+        np.logical_xor(mask_a, mask_b, out=mask_b)  # lo <= x <= hi (x > hi implies x >= lo, as lo <= hi)
+        return above, np.compress(mask_b, x)  # (twice as fast as x[mask_b])
+
+    @staticmethod
+    def result(parts, count: int):
+        """The ``count``-th largest value from the slices' ``(above, band)`` pairs, or None."""
+        import numpy as np
+
+        above = sum(a for a, _ in parts)
+        need = count - above
+        bands = [b for _, b in parts if b.size]
+        size = sum(b.size for b in bands)
+        if not 1 <= need <= size:
+            return None
+        band = np.concatenate(bands) if len(bands) != 1 else bands[0]
+        return kth_smallest_np(band, size - need + 1)
+
+
 def kth_largest_streamed(values, n: int, count: int, sample):
     """Like :func:`kth_largest` for a tensor that is produced slice by slice: ``values(s, e)`` returns elements
     ``s..e`` as a 1-D fp32 tensor, ``sample`` is a 1-D tensor of some of its elements (a strided subset). The
     sample brackets the answer; one pass counts the elements above the bracket and keeps those inside it, so no
     buffer of the whole key is needed. Falls back to a full buffer when the sample misleads (exact either way).
     Returns None when ``count <= 0``."""
+    import math
+
     import torch
 
     if count <= 0:
         return None
     if count >= n or n <= (1 << 18) or sample.numel() < 64:
         return kth_largest(torch.cat([values(s, e) for s, e in slices(n)]), count)
-    m = sample.numel()
-    q = 1.0 - count / n
-    margin = 4.0 / (m ** 0.5) + 1.0 / m
-    ss = torch.sort(sample).values
-    lo = ss[int(max(0.0, q - margin) * (m - 1))]
-    hi = ss[min(m - 1, int(min(1.0, q + margin) * (m - 1)) + 1)]
-    def scan(s, e):
-        x = values(s, e)
-        return int((x > hi).sum()), x[(x >= lo) & (x <= hi)]
+    lo, hi = bracket(sample, n, count)
+    if sample.device.type == "cpu" and not math.isnan(hi):
+        import numpy as np
 
-    parts = run_slices(n, scan)
-    above = sum(a for a, _ in parts)
-    band = [b for _, b in parts]
-    need = count - int(above)
-    band_t = torch.cat(band)
-    if 1 <= need <= band_t.numel():
-        return torch.kthvalue(band_t, band_t.numel() - need + 1).values
+        scan = BandScan(lo, hi)
+
+        def one(s, e):
+            x = values(s, e)
+            masks = np_scratch("kth_streamed", 2, e - s)
+            return scan.scan(x.float().contiguous().numpy(), masks[0][: e - s], masks[1][: e - s])
+
+        t = scan.result(run_slices(n, one, work_size(n)), count)
+        if t is not None:
+            return torch.from_numpy(np.array(t, dtype=np.float32).reshape(()))
+    elif sample.device.type != "cpu" and not math.isnan(hi):
+        def scan_dev(s, e):
+            x = values(s, e)
+            return int((x > hi).sum()), x[(x >= lo) & (x <= hi)]
+
+        parts = run_slices(n, scan_dev)
+        need = count - sum(a for a, _ in parts)
+        band_t = torch.cat([b for _, b in parts])
+        if 1 <= need <= band_t.numel():
+            return torch.kthvalue(band_t, band_t.numel() - need + 1).values
     full = torch.cat([values(s, e) for s, e in slices(n)])
     return torch.kthvalue(full, n - count + 1).values

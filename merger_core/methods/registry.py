@@ -21,7 +21,7 @@ package).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ManifestError
 
@@ -47,6 +47,11 @@ class KeyContext:
     input_names: Sequence[str] = ()
     sources: Sequence[int] = ()  # manifest indices of the inputs passed in, in order
     offset: int = 0  # element offset of the slices passed in (chunkable methods), so per-element randomness is chunk-independent
+    # A contiguous fp32 buffer of at least the key's number of elements, on the merge device, that a tensor method
+    # may write its result into and return (a view of): a caller that keeps one between keys saves the allocation
+    # and the page faults of a fresh result per key. The caller must be done with the previous result before it
+    # passes the buffer again. None: the method allocates its result.
+    out: Any = None
 
 
 class MergeMethod:
