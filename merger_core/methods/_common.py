@@ -190,6 +190,16 @@ def flat(t):
     return t.reshape(-1)
 
 
+def kthvalue(a, k: int):
+    """``torch.kthvalue(a, k).values`` (1-D ``a``, 1-based ``k``) on any device: MPS has no kthvalue, so there the
+    selection runs on the CPU (exact either way) and the 0-dim result goes back to the device."""
+    import torch
+
+    if a.device.type == "mps":
+        return torch.kthvalue(a.cpu(), k).values.to(a.device)
+    return torch.kthvalue(a, k).values
+
+
 def kth_smallest_np(a, k: int):
     """The ``k``-th smallest (1-based) element of the 1-D float numpy array ``a``, as a 0-dim numpy value. NaN
     ranks above every number, as in ``torch.kthvalue`` and ``torch.sort``. ``numpy.partition`` is an introselect:
@@ -214,7 +224,7 @@ def kth_largest(a, count: int):
             import numpy as np
 
             return torch.from_numpy(np.array(kth_smallest_np(a.contiguous().numpy(), n - count + 1), dtype=np.float32).reshape(()))
-        return torch.kthvalue(a, n - count + 1).values
+        return kthvalue(a, n - count + 1)
     step = max(1, n // (1 << 16))
     sample = a[::step].contiguous()
     m = sample.numel()
@@ -229,8 +239,8 @@ def kth_largest(a, count: int):
     if need >= 1:
         band = a[(a >= lo) & (a <= hi)]
         if need <= band.numel():
-            return torch.kthvalue(band, band.numel() - need + 1).values
-    return torch.kthvalue(a, n - count + 1).values
+            return kthvalue(band, band.numel() - need + 1)
+    return kthvalue(a, n - count + 1)
 
 
 def _bracket_indices(m: int, n: int, count: int, sigmas=None):
@@ -356,6 +366,6 @@ def kth_largest_streamed(values, n: int, count: int, sample):
         need = count - sum(a for a, _ in parts)
         band_t = torch.cat([b for _, b in parts])
         if 1 <= need <= band_t.numel():
-            return torch.kthvalue(band_t, band_t.numel() - need + 1).values
+            return kthvalue(band_t, band_t.numel() - need + 1)
     full = torch.cat([values(s, e) for s, e in slices(n)])
-    return torch.kthvalue(full, n - count + 1).values
+    return kthvalue(full, n - count + 1)
