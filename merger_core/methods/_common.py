@@ -274,7 +274,7 @@ def bracket(sample, n: int, count: int):
     return float(ss[i_lo]), float(ss[i_hi])
 
 
-NARROW_SIGMAS = 6.0
+NARROW_SIGMAS = 3.5
 
 
 def brackets(sample, n: int, count: int):

@@ -7,12 +7,23 @@ rescaled by ``1 / (1 - drop)``; the results are summed with the input weights (d
 The masks are reproducible: element ``j`` of input ``i`` for key ``k`` is kept when ``u >= drop`` where ``u`` is
 drawn from a ``torch.Generator`` seeded from (the merge seed and key, ``i``, ``j // BLOCK``). The same seed gives
 identical bytes on every run, whatever the slice size or device.
+
+On the CPU the work goes in slices of ``_common.WORK`` elements with buffers reused per thread (the engine calls
+this method on chunks of a key from its own worker threads). Dropping is a multiplication by the 0/1 mask
+``u >= drop`` (written as floats by one comparison): a masked fill (select) branches on every element, which on a
+random mask costs several times the arithmetic. It gives the same bytes: a kept difference is multiplied by 1; a
+dropped one becomes a zero whose sign the sum ignores (the sum starts from +0, and x + (-0) is x, +0 + -0 is +0).
+A slice where some difference is not finite (inf * 0 is NaN, where the fill gave 0) is dropped by the fill
+instead.
 """
 
+import math
+
 from .registry import MergeMethod, Param, register
-from ._common import f32, operand, run_slices
+from ._common import _TLS, empty_f32, f32, operand, run_slices, scratch, widen_into, work_size
 
 BLOCK = 1 << 14
+DRAWS_KEPT = (1 << 20) + 2 * BLOCK  # the largest draw buffers kept per thread (an engine chunk's, 4 MiB each)
 _M = (1 << 63) - 1
 
 
@@ -23,20 +34,33 @@ def block_seed(key_seed: int, input_index: int, block: int) -> int:
     return x ^ (x >> 29)
 
 
-def uniforms(key_seed: int, input_index: int, offset: int, n: int):
-    """The uniform draws in [0, 1) for elements ``offset .. offset+n`` of one input's difference (CPU, fp32)."""
+def uniforms(key_seed: int, input_index: int, offset: int, n: int, out=None):
+    """The uniform draws in [0, 1) for elements ``offset .. offset+n`` of one input's difference (CPU, fp32).
+    ``out``: a 1-D fp32 CPU tensor to draw into when it is long enough (the whole blocks the range touches), so
+    a caller that keeps one allocates nothing; the result is a view of it."""
     import torch
 
     if n <= 0:
         return torch.empty(0, dtype=torch.float32)
     first, last = offset // BLOCK, (offset + n - 1) // BLOCK
-    u = torch.empty((last - first + 1) * BLOCK, dtype=torch.float32)
-    g = torch.Generator()
+    size = (last - first + 1) * BLOCK
+    u = out[:size] if out is not None and out.numel() >= size else torch.empty(size, dtype=torch.float32)
+    g = _generator()
     for i, blk in enumerate(range(first, last + 1)):
         g.manual_seed(block_seed(key_seed, input_index, blk))
         torch.rand(BLOCK, generator=g, out=u[i * BLOCK : (i + 1) * BLOCK])
     start = offset - first * BLOCK
     return u[start : start + n]
+
+
+def _generator():
+    """The calling thread's CPU generator (reseeded for every block; one per thread, as threads draw at once)."""
+    import torch
+
+    g = getattr(_TLS, "dare_generator", None)
+    if g is None:
+        g = _TLS.dare_generator = torch.Generator()
+    return g
 
 
 def keep_mask(key_seed: int, input_index: int, offset: int, n: int, drop: float, device=None):
@@ -45,17 +69,64 @@ def keep_mask(key_seed: int, input_index: int, offset: int, n: int, drop: float,
     return keep if device is None or keep.device == device else keep.to(device)
 
 
-def dare_merge(tensors, weights, drop: float, scale: float, key_seed: int, sources, offset: int = 0):
-    """tensors[0] is the base; returns base + scale * sum_i w_i * mask_i * (M_i - base) / (1 - drop)."""
+def dare_merge(tensors, weights, drop: float, scale: float, key_seed: int, sources, offset: int = 0, out=None):
+    """tensors[0] is the base; returns base + scale * sum_i w_i * mask_i * (M_i - base) / (1 - drop), flat fp32
+    (in ``out``, a contiguous fp32 tensor of at least the key's number of elements, when given)."""
     import torch
 
     base = tensors[0].reshape(-1)
     models = [m.reshape(-1) for m in tensors[1:]]
     n = base.numel()
-    out = torch.empty(n, dtype=torch.float32, device=base.device)
-    draws = [uniforms(key_seed, src, offset, n) if drop > 0 else None for src in sources[1:]]
     if base.device.type != "cpu":
-        draws = [None if u is None else u.to(base.device) for u in draws]
+        return _dare_merge_torch(base, models, weights, drop, scale, key_seed, sources, offset, out)
+    out = empty_f32(n) if out is None else out.reshape(-1)[:n]
+    if drop > 0:
+        first, last = offset // BLOCK, (offset + max(n, 1) - 1) // BLOCK
+        size = (last - first + 1) * BLOCK
+        # an engine chunk's draws go to buffers kept per thread; a whole large key's are allocated for the call
+        room = scratch("dare-draws", len(models), size) if size <= DRAWS_KEPT else [None] * len(models)
+        draws = [uniforms(key_seed, src, offset, n, buf) for src, buf in zip(sources[1:], room)]
+    else:
+        draws = [None] * len(models)
+    ws = [float(w) for w in weights[1:]]
+
+    def one(s, e):
+        L = e - s
+        b_buf, d, keep, acc = (t[:L] for t in scratch("dare", 4, L))
+        zero = scratch("zeros", 1, L, zeros=True)[0][:L]
+        b = base[s:e] if base.dtype == torch.float32 else widen_into(b_buf, base[s:e])
+        for j, (m, w, u) in enumerate(zip(models, ws, draws)):
+            widen_into(d, m[s:e])
+            torch.sub(d, b, out=d)
+            if u is not None:
+                if math.isfinite(float(d.sum())):
+                    torch.ge(u[s:e], drop, out=keep)  # 1.0 where kept (u >= drop, compared in fp32 as u < drop was)
+                    d.mul_(keep)
+                else:  # an inf or NaN difference: inf * 0 would be NaN where the fill gives 0
+                    d.masked_fill_(u[s:e] < drop, 0.0)
+            if j == 0:
+                torch.add(zero, d, alpha=w, out=acc)  # 0 + w * d, as the sum always started
+            else:
+                acc.add_(d, alpha=w)
+        if not models:
+            acc.zero_()
+        if drop > 0:
+            acc.div_(1.0 - drop)
+        torch.add(b, acc, alpha=scale, out=out[s:e])
+
+    run_slices(n, one, work_size(n))
+    return out
+
+
+def _dare_merge_torch(base, models, weights, drop: float, scale: float, key_seed: int, sources, offset: int, out=None):
+    """The same merge with whole-tensor torch ops on the merge device (GPU and other devices)."""
+    import torch
+
+    n = base.numel()
+    out = torch.empty(n, dtype=torch.float32, device=base.device) if out is None else out.reshape(-1)[:n]
+    draws = [uniforms(key_seed, src, offset, n) if drop > 0 else None for src in sources[1:]]
+    draws = [None if u is None else u.to(base.device) for u in draws]
+
     def one(s, e):
         b = f32(base[s:e])
         acc = torch.zeros_like(b)
@@ -68,7 +139,7 @@ def dare_merge(tensors, weights, drop: float, scale: float, key_seed: int, sourc
             acc.div_(1.0 - drop)
         torch.add(b, acc, alpha=scale, out=out[s:e])
 
-    run_slices(n, one)  # cache-sized single-thread slices, spread over the cores
+    run_slices(n, one)
     return out
 
 
@@ -84,11 +155,12 @@ class Dare(MergeMethod):
     min_inputs = 2
     uses_weights = False
     takes_base = True  # input 0 is the base (a manifest's "base" goes there)
-    memory_note = "element-wise: the fp32 result of a 4 MiB engine chunk, its random draws (4 MiB per model), 128 KiB slices"
+    memory_note = "element-wise: the fp32 result of a 4 MiB engine chunk, its random draws (4 MiB per model, kept per thread), 256 KiB slices"
 
     def merge_tensor(self, tensors, weights, params, ctx):
         return dare_merge(
-            tensors, weights, float(params["drop"]), float(params["scale"]), ctx.seed, list(ctx.sources), ctx.offset
+            tensors, weights, float(params["drop"]), float(params["scale"]), ctx.seed, list(ctx.sources), ctx.offset,
+            out=ctx.out,
         )
 
 

@@ -47,10 +47,10 @@ class KeyContext:
     input_names: Sequence[str] = ()
     sources: Sequence[int] = ()  # manifest indices of the inputs passed in, in order
     offset: int = 0  # element offset of the slices passed in (chunkable methods), so per-element randomness is chunk-independent
-    # A contiguous fp32 buffer of at least the key's number of elements, on the merge device, that a tensor method
-    # may write its result into and return (a view of): a caller that keeps one between keys saves the allocation
-    # and the page faults of a fresh result per key. The caller must be done with the previous result before it
-    # passes the buffer again. None: the method allocates its result.
+    # A contiguous fp32 buffer of at least as many elements as the tensors passed in, on the merge device, that a
+    # tensor method may write its result into and return (a view of): a caller that keeps one between keys (or
+    # chunks) saves the allocation and the page faults of a fresh result each time. The caller must be done with the
+    # previous result before it passes the buffer again. None: the method allocates its result.
     out: Any = None
 
 

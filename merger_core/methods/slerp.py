@@ -4,12 +4,18 @@ With ``a`` and ``b`` the key's two tensors flattened, ``cos w = <a, b> / (|a| |b
 result is ``sin((1-t) w)/sin w * a + sin(t w)/sin w * b``. Where the vectors are (nearly) parallel or
 anti-parallel (``|cos w| > 0.9995``) or one is zero, the angle is ill-defined and the plain linear interpolation
 ``(1-t) a + t b`` is used.
+
+On the CPU both passes run in slices on the worker threads with buffers reused per thread. The dot products are
+taken per slice of ``_common.SLICE`` elements and added up slice by slice in order, as they always were (their
+rounding depends on that order); the mix ``a * c0 + c1 * b`` is elementwise and runs in bigger slices. An input is
+widened straight to fp64 for the dots when that gives the same values as widening it to fp32 first (fp16, bf16,
+fp32).
 """
 
 import math
 
 from .registry import MergeMethod, Param, register
-from ._common import f32, flat, slices
+from ._common import SLICE, empty_f32, f32, flat, run_slices, scratch, slices, widen_into, work_size
 
 PARALLEL = 0.9995
 
@@ -25,10 +31,57 @@ def slerp_coefficients(dot: float, na2: float, nb2: float, t: float):
     return math.sin((1.0 - t) * w) / s, math.sin(t * w) / s
 
 
-def slerp_merge(a, b, t: float):
+def slerp_merge(a, b, t: float, out=None):
+    """The merge of one key (any float dtypes; on the CPU, memory-mapped views are fine). Returns a flat fp32
+    tensor (``out`` when given: a contiguous fp32 tensor of at least the key's number of elements)."""
     import torch
 
     a, b = flat(a), flat(b)
+    n = a.numel()
+    if a.device.type != "cpu":
+        return _slerp_merge_torch(a, b, t, out)
+    # pass 1: the three dot products in fp64, one per SLICE and summed slice by slice in order, as always (the
+    # slices may run on several threads: each one's dots do not depend on where it runs)
+    def dots(s, e):
+        L = e - s
+        x32, y32 = (v[:L] for v in scratch("slerp32", 2, L))
+        x, y = (v[:L] for v in scratch("slerp64", 2, L, dtype=torch.float64))
+        _widen64(x, a[s:e], x32)
+        _widen64(y, b[s:e], y32)
+        return float(torch.dot(x, y)), float(torch.dot(x, x)), float(torch.dot(y, y))
+
+    dot = na2 = nb2 = 0.0
+    for d, p, q in run_slices(n, dots, SLICE):
+        dot += d
+        na2 += p
+        nb2 += q
+    c0, c1 = slerp_coefficients(dot, na2, nb2, t)
+    out = empty_f32(n) if out is None else out.reshape(-1)[:n]
+
+    def mix(s, e):  # pass 2: a * c0 + c1 * b, the same two ops as always
+        L = e - s
+        x, y = (v[:L] for v in scratch("slerp-mix", 2, L))
+        widen_into(x, a[s:e]).mul_(c0)
+        torch.add(x, widen_into(y, b[s:e]), alpha=c1, out=out[s:e])
+
+    run_slices(n, mix, work_size(n))
+    return out
+
+
+def _widen64(x, v, tmp32):
+    """``x`` (fp64) = ``f32(v).double()``: straight from fp16, bf16 and fp32 (exact either way), through fp32
+    otherwise (fp64 inputs are rounded to fp32 first, as they always were)."""
+    import torch
+
+    if v.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return x.copy_(v)
+    return x.copy_(widen_into(tmp32, v))
+
+
+def _slerp_merge_torch(a, b, t: float, out=None):
+    """The same merge with torch ops on the key's device (GPU and other devices)."""
+    import torch
+
     n = a.numel()
     dot = na2 = nb2 = 0.0
     for s, e in slices(n):
@@ -38,7 +91,7 @@ def slerp_merge(a, b, t: float):
         na2 += float(torch.dot(x, x))
         nb2 += float(torch.dot(y, y))
     c0, c1 = slerp_coefficients(dot, na2, nb2, t)
-    out = torch.empty(n, dtype=torch.float32, device=a.device)
+    out = torch.empty(n, dtype=torch.float32, device=a.device) if out is None else out.reshape(-1)[:n]
     for s, e in slices(n):
         torch.add(f32(a[s:e]) * c0, f32(b[s:e]), alpha=c1, out=out[s:e])
     return out
@@ -57,7 +110,7 @@ class Slerp(MergeMethod):
     memory_note = "one fp32 result of the key plus a few fp64 slices (CPU); two passes over the key's inputs"
 
     def merge_tensor(self, tensors, weights, params, ctx):
-        return slerp_merge(tensors[0], tensors[1], float(params["t"]))
+        return slerp_merge(tensors[0], tensors[1], float(params["t"]), out=ctx.out)
 
 
 register(Slerp())

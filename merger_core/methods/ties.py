@@ -7,29 +7,38 @@ differences that agree with it (non-zero, same sign) are averaged with weights `
 ``merged = sum_agree w_i trim(d_i) / sum_agree w_i`` (0 where none agrees), and the result is
 ``base + scale * merged``.
 
-How it runs on the CPU (two passes over the key, in slices of ``_common.WORK`` elements spread over the worker
-threads, each thread with its own reused scratch buffers):
+How it runs on the CPU: two passes over the key, in slices (``_common.work_size``: 64 Ki elements on one thread,
+up to 256 Ki with several) handed to the worker threads (``_common.run_slices``), each thread with buffers made
+once and reused (``_Work``). Every slice starts at a multiple of ``_common.SLICE``, so every element meets the same
+torch kernels in the same way (in their vectorized loops, or, for the key's last few elements, in their scalar
+tails) as it always has, and the result is the same bit for bit whatever the slicing and the number of threads.
 
-1. Thresholds. For a key of more than 2^18 elements, a strided sample of each ``|d_i|`` (65536 values) gives a
-   bracket ``[lo, hi]`` around the threshold (two order statistics of the sample, found by ``numpy.partition``).
-   One pass over the key then computes every model's ``|d_i|`` slice by slice (the base is widened once per slice
-   for all the models), counts the values above ``hi`` and copies out the few in ``[lo, hi]`` (numpy comparisons
-   and boolean indexing). The threshold is the element of that band whose rank makes the count right, found by
-   ``numpy.partition``; it is the exact ``count``-th largest magnitude. When the sample misled (the threshold is
-   outside the bracket) the whole ``|d_i|`` is built and selected from instead. Smaller keys are selected from
-   directly. Only where the search looks depends on the sample, never the threshold it finds.
-2. Trim, elect and average, slice by slice, with the same torch operations in the same order as always, so every
-   result is bit for bit what it was: the difference (widened into a buffer, then subtracted), ``hardshrink`` at
-   the float just below the threshold (``|x| > nextafter(t, 0)`` is ``|x| >= t``), the weighted vote, the agreement
-   ``d * vote > 0``, the weighted sums, the division and ``base + scale * merged`` written into the output.
+1. Thresholds (``_Ties.thresholds``). For a key of more than 2^18 elements, a strided sample of each ``|d_i|``
+   (65536 values) brackets its threshold: two order statistics of the sample (``numpy.partition``), 3.5 standard
+   deviations of the sample quantile either side of it. One pass over the key computes the ``|d_i|`` of all the
+   models slice by slice (the base widened once per slice), counts those above the bracket and copies out the
+   few inside it (numpy's SIMD comparisons and ``compress``: torch's comparisons into bool and ``masked_select``
+   are several times slower; the copy costs in proportion to what it keeps, hence the narrow bracket). The
+   threshold is the element of the band whose rank makes the count right (``numpy.partition``): exactly the
+   ``count``-th largest magnitude. When the sample misled (the threshold outside the bracket), another pass
+   tries the wide bracket the search has always used (a margin of ``4/sqrt(65536)`` in quantile), and if that
+   misses too, or a bound is NaN, the whole ``|d_i|`` is selected from, as before. Smaller keys select from the
+   whole ``|d_i|`` directly. Only the time depends on the sample, never the thresholds; NaN and infinities meet
+   the same decisions as before.
+2. Trim, elect and average (``_Ties.block``): the difference (each input widened to fp32 in a buffer, then the
+   subtraction), ``hardshrink`` at the float just below the threshold (``|x| > nextafter(t, 0)`` is ``|x| >= t``),
+   the weighted vote, the agreement ``d * vote > 0``, the weighted sums, the division and ``base + scale * merged``:
+   the same torch operations in the same order as always. Where a step was a zero fill followed by an add, it is
+   one op with the same result (up to the sign of a zero that nothing reads: a zero vote or denominator).
 
-Other devices run the same two passes with torch operations only.
+Other devices run the two passes with torch operations only (``_ties_merge_torch``).
 """
 
 import math
 
 from .registry import MergeMethod, Param, register
 from ._common import (
+    _TLS,
     BandScan,
     brackets,
     empty_f32,
@@ -37,17 +46,16 @@ from ._common import (
     flat,
     kth_largest_streamed,
     kth_smallest_np,
-    np_scratch,
     operand,
     run_slices,
-    scratch,
     widen_into,
     work_size,
+    workers,
 )
 
 SAMPLE = 1 << 16  # elements sampled (strided) to bracket each threshold
 DIRECT = 1 << 18  # keys up to this many elements select their thresholds from the whole |d| directly
-GROUP = 4  # models whose bands one threshold pass gathers together (the band of each is about 3% of the key)
+GROUP = 8  # models whose thresholds one pass over the key finds together (each keeps ~2% of the key's values)
 
 
 def ties_merge(tensors, weights, density: float, scale: float, out=None):
@@ -55,8 +63,6 @@ def ties_merge(tensors, weights, density: float, scale: float, out=None):
     operation, fp8 and fp64 first: torch does not promote fp8 in mixed operations). Returns a flat fp32 tensor:
     ``out`` (a contiguous fp32 tensor of at least the key's number of elements on the same device, reused between
     keys by a caller that wants no fresh allocation per key) when given, else a new one."""
-    import torch
-
     base = flat(tensors[0])
     models = [flat(t) for t in tensors[1:]]
     ws = [float(w) for w in weights[1:]]
@@ -66,22 +72,209 @@ def ties_merge(tensors, weights, density: float, scale: float, out=None):
     if base.device.type != "cpu":
         return _ties_merge_torch(base, models, ws, density, scale, out)
     count = min(n, math.ceil(density * n - 1e-9))
-    keep_all = count >= n
-    if keep_all or count <= 0 or not models:
-        thresholds = [None] * len(models)
-    else:
-        thresholds = _thresholds(base, models, n, count)
-    import numpy as np
-
-    # below the threshold -> 0, as one fused op: hardshrink zeroes |x| <= lambd, and |x| > nextafter(t, 0) <=> |x| >= t
-    lambdas = [
-        -1.0 if keep_all else None if t is None else float(np.nextafter(np.float32(t), np.float32(0)))
-        for t in thresholds
-    ]
     if out is None:
         out = empty_f32(n)
-    _trim_elect_average(base, models, ws, lambdas, scale, out)
+    job = _Ties(base, models, ws, scale, out)
+    if count >= n:
+        job.merge([-1.0] * len(models))  # everything kept: no trimming at all
+    elif count <= 0 or not models:
+        job.merge([None] * len(models))  # nothing kept: merged = 0
+    else:
+        job.merge([_below(t) for t in job.thresholds(count)])
     return out
+
+
+def _below(t) -> float:
+    """``hardshrink``'s lambda for threshold ``t``: the float32 just below it (NaN stays NaN: nothing trimmed)."""
+    import numpy as np
+
+    return float(np.nextafter(np.float32(t), np.float32(0)))
+
+
+class _Work:
+    """One thread's buffers for blocks of ``L`` elements of an ``N``-model key, with their views made once (each
+    view made per slice costs about a microsecond of Python, and a slice makes dozens)."""
+
+    def __init__(self, N: int, L: int):
+        import numpy as np
+        import torch
+
+        self.b, self.vote, self.num = torch.empty(3, L).unbind(0)
+        self.zero = torch.zeros(L)  # stays zero: num = zero + w_1 d_1 a_1 needs no zero fill per slice
+        self.D = torch.empty(N, L).unbind(0)  # the differences, trimmed in place
+        A = torch.empty(N, L)
+        self.A = A.unbind(0)  # |d| for the threshold search, then the agreement masks
+        self.x = list(A.numpy())
+        self.above = list(np.empty((N, L), dtype=np.bool_))
+        self.band = list(np.empty((N, L), dtype=np.bool_))
+
+
+class _Part:
+    """The first ``L`` elements of each buffer of a :class:`_Work` (for a key's last, shorter slice)."""
+
+    def __init__(self, w: _Work, L: int):
+        self.b, self.vote, self.num, self.zero = w.b[:L], w.vote[:L], w.num[:L], w.zero[:L]
+        self.D = [t[:L] for t in w.D]
+        self.A = [t[:L] for t in w.A]
+        self.x = [t[:L] for t in w.x]
+        self.above = [t[:L] for t in w.above]
+        self.band = [t[:L] for t in w.band]
+
+
+def _work(N: int, L: int, size: int):
+    """The calling thread's buffers for ``N`` models and a block of ``L <= size`` elements (``size``: the full
+    slice, whose buffers are kept between calls)."""
+    import torch
+
+    cache = getattr(_TLS, "ties_work", None)
+    if cache is None:
+        cache = _TLS.ties_work = {}
+    key = (N, torch.is_inference_mode_enabled())  # an inference tensor may not be updated outside that mode
+    w = cache.get(key)
+    if w is None or w.b.numel() != size:
+        w = cache[key] = _Work(N, size)
+    return w if L == size else _Part(w, L)
+
+
+class _Ties:
+    """One key's merge on the CPU (see the module's docstring)."""
+
+    def __init__(self, base, models, ws, scale: float, out):
+        self.base, self.models, self.ws, self.scale, self.out = base, models, ws, scale, out
+        self.n = base.numel()
+        self.signed = any(w <= 0 for w in ws)  # a weight <= 0: den may be 0 where num is not
+        self.min_w = min(ws) if ws else 1.0
+        self.k = workers()
+        self.size = work_size(self.n)  # elements per slice
+
+    # -- the merge of one block ------------------------------------------------------------------------------
+    def _differences(self, bsrc, msrcs, L: int) -> _Work:
+        """Widen the block's inputs: ``work.b`` = base, ``work.D[i]`` = M_i - base, in fp32."""
+        import torch
+
+        w = _work(len(self.models), L, max(L, self.size))
+        b = widen_into(w.b, bsrc)
+        for d, m in zip(w.D, msrcs):
+            widen_into(d, m)
+            torch.sub(d, b, out=d)
+        return w
+
+    def _combine(self, w: _Work, lambdas, out_view) -> None:
+        """Trim ``w.D`` (in place) at ``lambdas`` and write ``base + scale * merged`` into ``out_view``."""
+        import torch
+
+        ws = self.ws
+        live = [(d, a, lam, wt) for d, a, lam, wt in zip(w.D, w.A, lambdas, ws) if lam is not None]
+        for d, _, lam, _ in live:
+            if lam >= 0:
+                torch.hardshrink(d, lam, out=d)
+        num = w.num
+        if not live:  # nothing kept: merged = 0 / min_w
+            num.zero_()
+            den = w.vote.zero_()
+        else:
+            # vote = sum_j w_j d_j, left to right, as 0 + w_1 d_1, then fused multiply-adds; the sign of a zero
+            # vote never matters (only d * vote > 0 is asked)
+            (d1, a1, _, w1), rest = live[0], live[1:]
+            vote = _weighted_sum([(d, wt) for d, _, _, wt in live], w.vote)
+            for d, a, _, _ in live:
+                torch.mul(d, vote, out=a).gt_(0)  # 1.0 where same sign as the vote and both non-zero
+            # num = 0 + w_1 d_1 a_1 + ...
+            torch.addcmul(w.zero, d1, a1, value=w1, out=num)
+            for d, a, _, wt in rest:
+                num.addcmul_(d, a, value=wt)
+            # den = 0 + w_1 a_1 + ... (in the vote's buffer, free now): the sign of a zero den never matters
+            # (den != 0, or clamp_min(min_w > 0))
+            den = _weighted_sum([(a, wt) for _, a, _, wt in live], w.vote)
+        if self.signed:  # with weights <= 0 a zero denominator can meet a non-zero numerator
+            merged = torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
+        else:  # den is 0 (and then num too) or at least the smallest weight: flooring it there changes nothing else
+            merged = num.div_(den.clamp_min_(self.min_w))
+        torch.add(w.b, merged, alpha=self.scale, out=out_view)
+
+    def block(self, bsrc, msrcs, lambdas, out_view) -> None:
+        """The exact merge of one slice of the key into ``out_view``."""
+        self._combine(self._differences(bsrc, msrcs, out_view.numel()), lambdas, out_view)
+
+    def merge(self, lambdas) -> None:
+        """The merge of the whole key with known thresholds."""
+        base, models, out = self.base, self.models, self.out
+
+        def one(s, e):
+            self.block(base[s:e], [m[s:e] for m in models], lambdas, out[s:e])
+
+        run_slices(self.n, one, self.size)
+
+    # -- thresholds ---------------------------------------------------------------------------------------------
+    def thresholds(self, count: int) -> list:
+        """Each model's exact ``count``-th largest ``|M_i - base|`` over the key (numpy float32 values)."""
+        import numpy as np
+        import torch
+
+        base, models, n = self.base, self.models, self.n
+        if n <= DIRECT:
+            b = widen_into(torch.empty(n, dtype=torch.float32), base)
+            x = torch.empty(n, dtype=torch.float32)
+            return [kth_smallest_np(_absdiff_into(x, m, b).numpy(), n - count + 1) for m in models]
+        step = max(1, n // SAMPLE)
+        b_sample = f32(base[::step])
+        tries = []  # per model: the brackets to try, narrow first
+        for m in models:
+            sample = torch.sub(operand(m[::step]), b_sample).abs_()
+            narrow, wide = brackets(sample, n, count)
+            tries.append([] if math.isnan(wide[1]) else [narrow, wide])  # a NaN bound brackets nothing
+        found = [None] * len(models)
+        for attempt in range(2):
+            todo = [i for i in range(len(models)) if found[i] is None and len(tries[i]) > attempt]
+            for g in range(0, len(todo), GROUP):
+                group = todo[g : g + GROUP]
+                scans = [BandScan(*tries[i][attempt]) for i in group]
+
+                def one(s, e, group=group, scans=scans):
+                    w = _work(len(group), e - s, self.size)
+                    b = widen_into(w.b, base[s:e])
+                    res = []
+                    for j, i in enumerate(group):
+                        d, a = w.D[j], w.A[j]
+                        widen_into(d, models[i][s:e])
+                        torch.abs(torch.sub(d, b, out=d), out=a)
+                        res.append(scans[j].scan(w.x[j], w.above[j], w.band[j]))
+                    return res
+
+                parts = run_slices(n, one, self.size)
+                for j, i in enumerate(group):
+                    found[i] = BandScan.result([p[j] for p in parts], count)
+        for i, t in enumerate(found):
+            if t is None:  # the sample misled (or saw NaN): select from the whole |d|
+                full = empty_f32(n)
+
+                def fill(s, e, i=i):
+                    w = _work(1, e - s, self.size)
+                    _absdiff_into(full[s:e], models[i][s:e], widen_into(w.b, base[s:e]))
+
+                run_slices(n, fill, self.size)
+                found[i] = kth_smallest_np(full.numpy(), n - count + 1)
+                del full
+        return found
+
+
+def _weighted_sum(terms, buf):
+    """``0 + w_1 t_1 + w_2 t_2 + ...`` left to right for ``terms`` = [(t_j, w_j)], in ``buf`` or, for a single
+    term of weight 1, ``t_1`` itself. The leading ``0 +`` is left out: it changes only the sign of a zero, which
+    no caller reads (a zero vote or denominator)."""
+    import torch
+
+    (t1, w1), rest = terms[0], terms[1:]
+    if w1 == 1.0 and not rest:
+        return t1
+    if w1 == 1.0:
+        torch.add(t1, rest[0][0], alpha=rest[0][1], out=buf)
+        rest = rest[1:]
+    else:
+        torch.mul(t1, w1, out=buf)
+    for t, wt in rest:
+        buf.add_(t, alpha=wt)
+    return buf
 
 
 def _absdiff_into(x, m, b):
@@ -90,123 +283,6 @@ def _absdiff_into(x, m, b):
 
     widen_into(x, m)
     return torch.sub(x, b, out=x).abs_()
-
-
-def _thresholds(base, models, n: int, count: int) -> list:
-    """Each model's exact ``count``-th largest ``|M_i - base|`` over the key (a numpy float32 value), CPU."""
-    import numpy as np
-    import torch
-
-    if n <= DIRECT:
-        b = widen_into(torch.empty(n, dtype=torch.float32), base)
-        x = torch.empty(n, dtype=torch.float32)
-        return [kth_smallest_np(_absdiff_into(x, m, b).numpy(), n - count + 1) for m in models]
-    step = max(1, n // SAMPLE)
-    b_sample = f32(base[::step])
-    tries = []  # per model: the brackets still to try, narrow first
-    for m in models:
-        sample = torch.sub(operand(m[::step]), b_sample).abs_()
-        narrow, wide = brackets(sample, n, count)
-        tries.append([] if math.isnan(wide[1]) else [narrow, wide])  # a NaN bound brackets nothing
-    found = [None] * len(models)
-    for attempt in range(2):
-        todo = [i for i in range(len(models)) if found[i] is None and len(tries[i]) > attempt]
-        for g in range(0, len(todo), GROUP):
-            group = todo[g : g + GROUP]
-            scans = [BandScan(*tries[i][attempt]) for i in group]
-
-            def one(s, e, group=group, scans=scans):
-                L = e - s
-                bb, x = scratch("ties-thresholds", 2, L)
-                mask_a, mask_b = np_scratch("ties-thresholds", 2, L)
-                b = widen_into(bb[:L], base[s:e])
-                res = []
-                for i, scan in zip(group, scans):
-                    xs = _absdiff_into(x[:L], models[i][s:e], b).numpy()
-                    res.append(scan.scan(xs, mask_a[:L], mask_b[:L]))
-                return res
-
-            parts = run_slices(n, one, work_size(n))
-            for j, i in enumerate(group):
-                found[i] = BandScan.result([p[j] for p in parts], count)
-    for i, t in enumerate(found):
-        if t is None:  # the sample misled (or saw NaN): select from the whole |d|
-            full = empty_f32(n)
-
-            def fill(s, e, i=i):
-                bb = scratch("ties-fallback", 1, e - s)[0]
-                _absdiff_into(full[s:e], models[i][s:e], widen_into(bb[: e - s], base[s:e]))
-
-            run_slices(n, fill, work_size(n))
-            found[i] = kth_smallest_np(full.numpy(), n - count + 1)
-            del full
-    return found
-
-
-def _trim_elect_average(base, models, ws, lambdas, scale: float, out) -> None:
-    """Pass 2 on the CPU: ``out = base + scale * merged`` slice by slice (see the module's docstring)."""
-    import torch
-
-    signed_weights = any(w <= 0 for w in ws)
-    min_w = min(ws) if ws else 1.0
-    live = [(i, lam, w) for i, (lam, w) in enumerate(zip(lambdas, ws)) if lam is not None]
-    n = base.numel()
-
-    def pass2(s, e):
-        L = e - s
-        bufs = [t[:L] for t in scratch("ties-merge", 4 + 2 * len(live), L)]
-        zero = scratch("zeros", 1, L, zeros=True)[0][:L]  # stays zero: nothing writes a "zeros" buffer
-        b = widen_into(bufs[0], base[s:e])
-        vote, num, den = bufs[1:4]
-        trimmed = []
-        for j, (i, lam, w) in enumerate(live):
-            d = widen_into(bufs[4 + j], models[i][s:e])
-            torch.sub(d, b, out=d)
-            if lam >= 0:
-                torch.hardshrink(d, lam, out=d)
-            trimmed.append((d, w))
-        if not trimmed:  # nothing kept: merged = 0 / min_w
-            num.zero_()
-            den.zero_()
-        else:
-            # vote = sum_j w_j d_j, left to right, as 0 + w_1 d_1, then fused multiply-adds; the sign of a zero
-            # vote never matters (only d * vote > 0 is asked), so 0 + w_1 d_1 may be w_1 d_1, or d_1 itself
-            (d1, w1) = trimmed[0]
-            rest = trimmed[1:]
-            if w1 == 1.0 and rest:
-                torch.add(d1, rest[0][0], alpha=rest[0][1], out=vote)
-                rest = rest[1:]
-            elif w1 == 1.0:
-                vote = d1
-            else:
-                torch.mul(d1, w1, out=vote)
-            for d, w in rest:
-                vote.add_(d, alpha=w)
-            agrees = bufs[4 + len(live) : 4 + len(live) + len(trimmed)]
-            for (d, w), agree in zip(trimmed, agrees):
-                torch.mul(d, vote, out=agree).gt_(0)  # 1.0 where same sign as the vote and both non-zero
-            # num = 0 + w_1 d_1 a_1 + ... (the zero is a buffer that stays zero: no zero fill per slice)
-            torch.addcmul(zero, d1, agrees[0], value=w1, out=num)
-            for (d, w), agree in zip(trimmed[1:], agrees[1:]):
-                num.addcmul_(d, agree, value=w)
-            # den = 0 + w_1 a_1 + ...: the sign of a zero den never matters (den != 0, or clamp_min(min_w > 0))
-            rest = list(zip(agrees[1:], [w for _, w in trimmed[1:]]))
-            if w1 == 1.0 and rest:
-                torch.add(agrees[0], rest[0][0], alpha=rest[0][1], out=den)
-                rest = rest[1:]
-            elif w1 == 1.0:
-                den = agrees[0]
-            else:
-                torch.mul(agrees[0], w1, out=den)
-            for agree, w in rest:
-                den.add_(agree, alpha=w)
-        if signed_weights:  # with weights <= 0 a zero denominator can meet a non-zero numerator
-            merged = torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
-        else:  # den is 0 (and then num too) or at least the smallest weight: flooring it there changes nothing else
-            merged = num.div_(den.clamp_min_(min_w))
-        torch.add(b, merged, alpha=scale, out=out[s:e])
-
-    run_slices(n, pass2, work_size(n))
 
 
 def _ties_merge_torch(base, models, ws, density: float, scale: float, out=None):
@@ -277,7 +353,7 @@ class Ties(MergeMethod):
     uses_weights = False
     takes_base = True  # input 0 is the base (a manifest's "base" goes there)
     memory_note = (
-        "the fp32 result of the key, the values near each threshold (about 3% of the key for each of up to 4"
+        "the fp32 result of the key, the values near each threshold (about 2% of the key for each of up to 8"
         " models at a time), and N+5 slices of 256 KiB per thread; independent of the number of models (CPU). On a"
         " GPU the engine also holds the N+1 fp32 inputs of the key."
     )
