@@ -457,6 +457,10 @@ class _Runner:
 
             self.emit_cpu(job, produce)
             return
+        if self.on_cpu:
+            # the result goes into one fp32 buffer kept between keys (emit_cpu below is done with it before the next
+            # key): no fresh allocation and page faults per key
+            ctx = dataclasses.replace(ctx, out=self.result_buffer(job.numel))
         if self.on_cpu and method.native_inputs:
             # file-dtype views; the method widens slices itself (a scaled fp8 input is dequantized here, in fp32)
             ts = [(f if i not in self.scales else self.widen(i, f)).reshape(job.shape) for i, f in zip(job.sources, flats)]
@@ -477,6 +481,15 @@ class _Runner:
             self.emit_cpu(job, narrow)
         else:
             self.emit_device(job, result)
+
+    def result_buffer(self, n: int):
+        """A contiguous fp32 CPU buffer of at least ``n`` elements, kept between keys (grown to the largest key)."""
+        torch = self.torch
+        buf = getattr(self, "_result", None)
+        if buf is None or buf.numel() < n:
+            self._result = buf = None  # the old one goes before the bigger one is made
+            self._result = buf = torch.empty(n, dtype=torch.float32)
+        return buf
 
     # -- values that do not fit ---------------------------------------------------------------------------
     def limit(self, st_dtype: str) -> float:
