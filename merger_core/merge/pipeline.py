@@ -133,8 +133,8 @@ class DevicePipeline:
             counts.zero_()
         dev = self.dev_out[slot][:nbytes].view(out_dt)
         dev.copy_(values.reshape(-1)[:n])
-        if len(self.pending) >= 2:  # host_out[slot] still holds the key before last: hand it on first
-            self._emit_oldest(emit)
+        # host_out[slot] is free: at most one key waits in `pending` (the one before this, in the other slot); the
+        # key before last, which used this slot, was handed on at the end of the previous call
         host = self.host_out[slot][:nbytes].view(out_dt)
         hcounts = self.host_counts[slot]
         if self.cuda:
