@@ -14,7 +14,6 @@ from merger_core.merge.runner import merge_to_file, merge_to_state_dict
 from merger_core.errors import IncompatibleModelsError, ManifestError
 from merger_core.io.safetensors import read_header
 from merger_core.methods import get_method, list_methods
-from merger_core.methods import _common
 from merger_core.methods.dare import dare_merge, keep_mask
 from merger_core.methods.slerp import slerp_merge
 from merger_core.methods.ties import ties_merge
@@ -255,29 +254,6 @@ def test_ties_large_key_uses_exact_threshold():
         close(got, ref_ties(base, ms, [1, 1], density, 1.0))
 
 
-@pytest.mark.parametrize("kind", ["normal", "ties", "constant", "sorted", "tail"])
-def test_kth_largest_exact(kind):
-    g = torch.Generator().manual_seed(1)
-    n = 400_000
-    if kind == "normal":
-        a = torch.randn(n, generator=g).abs()
-    elif kind == "ties":
-        a = torch.randint(0, 5, (n,), generator=g).float()
-    elif kind == "constant":
-        a = torch.full((n,), 0.25)
-    elif kind == "sorted":
-        a = torch.arange(n, dtype=torch.float32)
-    else:  # a heavy tail that a strided sample misses
-        a = torch.zeros(n)
-        a[1::997] = torch.rand(a[1::997].shape, generator=g) + 1
-    s = torch.sort(a, descending=True).values
-    for count in (1, 7, n // 100, n // 3, n - 1, n):
-        assert _common.kth_largest(a, count).item() == s[count - 1].item()
-
-
-# ------------------------------------------------------------------------------------------------- DARE
-
-
 def test_dare_p0_is_task_arithmetic(tmp_path):
     paths, ts = family(tmp_path, 2, seed=7)
     out = run(paths, "dare", {"drop": 0.0, "scale": 0.7}, weights=[1, 1.0, 0.5])
@@ -378,28 +354,6 @@ def test_fp16_file_equals_state_dict_and_inputs_untouched(tmp_path, method, para
         assert torch.equal(got[k], sd[k])
     assert helpers.hashes(paths) == before
 
-
-@pytest.mark.parametrize("kind", ["normal", "ties", "tail", "constant"])
-def test_kth_largest_streamed_exact(kind):
-    g = torch.Generator().manual_seed(3)
-    n = 500_000
-    if kind == "normal":
-        a = torch.randn(n, generator=g).abs()
-    elif kind == "ties":
-        a = torch.randint(0, 5, (n,), generator=g).float()
-    elif kind == "constant":
-        a = torch.full((n,), 0.5)
-    else:  # large values only where the strided sample never looks
-        a = torch.zeros(n)
-        a[3::1009] = torch.rand(a[3::1009].shape, generator=g) + 1
-    s = torch.sort(a, descending=True).values
-    step = max(1, n // 4096)
-    for count in (1, 50, n // 100, n // 2, n - 3):
-        got = _common.kth_largest_streamed(lambda b, e: a[b:e].clone(), n, count, a[::step].clone())
-        assert got.item() == s[count - 1].item(), count
-
-
-# ------------------------------------------------------------------------------------------------- block weights
 
 from merger_core.merge import blockweights as bw
 

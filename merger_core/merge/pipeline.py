@@ -27,7 +27,9 @@ changes nothing in a key whose values fit).
 
 Device memory: the fp32 accumulator of the largest key, two device input buffers and two output buffers of the
 largest key's bytes; flat in the number of models for the linear methods (the inputs stream through the two input
-buffers). The tensor methods receive all of a key's inputs as fp32 device tensors (N of the largest key).
+buffers). The built-in tensor methods (``streams_on_device``) load slices of a key's inputs through the same
+buffers (``Runner.device_loader``) and write into the accumulator: they add about one fp32 key of their own, flat
+in N as well. A method without ``streams_on_device`` receives all of a key's inputs as fp32 device tensors.
 """
 
 from __future__ import annotations

@@ -461,6 +461,15 @@ class _Runner:
             # the result goes into one fp32 buffer kept between keys (emit_cpu below is done with it before the next
             # key): no fresh allocation and page faults per key
             ctx = dataclasses.replace(ctx, out=self.result_buffer(job.numel))
+        if not self.on_cpu and getattr(method, "streams_on_device", False):
+            # the inputs stay on the host; the method loads slices through the pipeline's staging buffers, so no input
+            # is whole on the device (device memory flat in N); the result goes into the accumulator
+            ctx = dataclasses.replace(ctx, load=self.device_loader(job, flats), device=self.device, out=self.acc)
+            result = method.merge_tensor(flats, weights, params, ctx).reshape(-1)
+            if self.delta is not None:
+                result = result if result.dtype == torch.float32 else result.to(torch.float32)
+                self.delta.add_to(result, 0)
+            return self.emit_device(job, result)
         if self.on_cpu and method.native_inputs:
             # file-dtype views; the method widens slices itself (a scaled fp8 input is dequantized here, in fp32)
             ts = [(f if i not in self.scales else self.widen(i, f)).reshape(job.shape) for i, f in zip(job.sources, flats)]
@@ -613,6 +622,34 @@ class _Runner:
         return [f"{n} held NaN/Inf or values beyond the output dtype's range, clamped to that range with NaN as 0 (nonfinite clamp): {shown}{more}"]
 
     # -- device transfers (merge/pipeline.py) --------------------------------------------------------------------
+    def device_loader(self, job: KeyJob, flats):
+        """``load(j, s, e)`` for a streaming tensor method (``KeyContext.load``): elements ``s..e`` of the key's input
+        ``j`` as a new fp32 device tensor, uploaded through the pipeline's staging buffers and widened there (a
+        scaled fp8 input times its scale). A small key's inputs (``DEVICE_CACHE_MAX`` elements in all) are uploaded
+        once, whole, and sliced after, so a method's many small loads do not each pay a transfer."""
+        from ..methods._common import DEVICE_CACHE_MAX
+
+        cache = {} if job.numel * len(flats) <= DEVICE_CACHE_MAX else None
+
+        def load(j: int, s: int, e: int):
+            if cache is None:
+                return self.widen_on_device(job.sources[j], flats[j][s:e])
+            x = cache.get(j)
+            if x is None:
+                x = cache[j] = self.widen_on_device(job.sources[j], flats[j])
+            return x[s:e]
+
+        return load
+
+    def widen_on_device(self, i: int, flat):
+        """Input ``i``'s host elements ``flat`` as a new fp32 device tensor (through the staging buffers)."""
+        torch = self.torch
+        dev, slot = self.pipe.upload(flat)
+        x = dev.to(torch.float32, copy=True)
+        self.pipe.release(slot)
+        scale = self.scales.get(i)
+        return x if scale is None else x.mul_(scale)
+
     def to_device(self, flat):
         """A device tensor of its own holding the CPU view ``flat`` (a tensor method keeps every input of a key), copied
         through the pipeline's staging buffers."""

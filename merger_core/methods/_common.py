@@ -86,11 +86,27 @@ def run_slices(n: int, fn, size: int = SLICE) -> list:
     (torch and numpy release the GIL inside their ops), so every core is used while each op stays single-threaded
     and cache-resident. A range below :data:`SERIAL_BELOW` elements runs on the calling thread. The result does
     not depend on the number of threads."""
-    global _POOL, _POOL_SIZE
     sl = list(slices(n, size))
     k = workers()
     if k <= 1 or len(sl) < 2 or n < SERIAL_BELOW:
         return [fn(s, e) for s, e in sl]
+    per = max(1, min(8, len(sl) // (4 * k)))  # several runs per thread: a slowed core does not hold the rest
+    groups = [sl[i : i + per] for i in range(0, len(sl), per)]
+    return [r for rs in _on_pool(k, [lambda g=g: [fn(s, e) for s, e in g] for g in groups]) for r in rs]
+
+
+def run_each(fns) -> list:
+    """``[f() for f in fns]``, in order, the calls on the worker threads side by side when there are several (a
+    model's share of some per-key work, say). The calls must not use the worker threads themselves."""
+    k = workers()
+    if k <= 1 or len(fns) < 2:
+        return [f() for f in fns]
+    return _on_pool(k, fns)
+
+
+def _on_pool(k: int, fns) -> list:
+    """``[f() for f in fns]`` on a pool of ``k`` threads, in the caller's inference mode."""
+    global _POOL, _POOL_SIZE
     if _POOL is None or _POOL_SIZE != k:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -98,18 +114,16 @@ def run_slices(n: int, fn, size: int = SLICE) -> list:
         _POOL_SIZE = k
     import torch
 
-    per = max(1, min(8, len(sl) // (4 * k)))  # several runs per thread: a slowed core does not hold the rest
-    groups = [sl[i : i + per] for i in range(0, len(sl), per)]
     # Inference mode is per thread: ComfyUI runs nodes inside torch.inference_mode(), so tensors made by the caller
     # are inference tensors, which the workers may only update in place inside the same mode.
     inference = torch.is_inference_mode_enabled()
 
-    def run(group):
+    def run(f):
         with torch.inference_mode(inference):
-            return [fn(s, e) for s, e in group]
+            return f()
 
-    futures = [_POOL.submit(run, g) for g in groups]
-    return [r for f in futures for r in f.result()]
+    futures = [_POOL.submit(run, f) for f in fns]
+    return [f.result() for f in futures]
 
 
 _TLS = threading.local()
@@ -162,6 +176,43 @@ def empty_f32(n: int):
     return torch.from_numpy(np.empty(n, dtype=np.float32))
 
 
+DEVICE_SLICE_MIN = 1 << 22  # elements (16 MiB in fp32): on a device, a key up to this size is one slice
+DEVICE_CACHE_MAX = 1 << 22  # a key whose inputs hold up to this many elements in all is uploaded once, whole
+
+
+def device_slice(n: int, buffers: int) -> int:
+    """Elements per slice for a method's work on a GPU over a key of ``n`` elements: the whole key when it is small,
+    else about ``n / buffers`` (so that the ``buffers`` fp32 slices a method holds at once take about one fp32 key:
+    device memory flat in the number of models), at least :data:`DEVICE_SLICE_MIN` (kernels stay long) and a
+    multiple of :data:`SLICE`."""
+    if n <= DEVICE_SLICE_MIN:
+        return max(n, 1)
+    size = max(DEVICE_SLICE_MIN, -(-n // max(1, buffers)))
+    return -(-size // SLICE) * SLICE
+
+
+def device_loader(tensors, ctx):
+    """``load(j, s, e)``: elements ``s..e`` of input ``j`` as an fp32 tensor on the merge device, which the caller
+    only reads. The engine's own (``ctx.load``: the inputs stay on the host and come over slice by slice) when it
+    gives one, else slices of ``tensors`` (already on the device) widened."""
+    if ctx is not None and getattr(ctx, "load", None) is not None:
+        return ctx.load
+    flats = [flat(t) for t in tensors]
+    return lambda j, s, e: f32(flats[j][s:e])
+
+
+def on_device(tensors, ctx) -> bool:
+    """Whether a method runs its device path: the engine passes a loader, or the tensors are on a device."""
+    return (ctx is not None and getattr(ctx, "load", None) is not None) or tensors[0].device.type != "cpu"
+
+
+def result_on(device, n: int, out=None):
+    """``out`` (a contiguous fp32 buffer of at least ``n`` elements) cut to ``n``, or a new fp32 tensor on ``device``."""
+    import torch
+
+    return torch.empty(n, dtype=torch.float32, device=device) if out is None else out.reshape(-1)[:n]
+
+
 def f32(t):
     import torch
 
@@ -209,40 +260,6 @@ def kth_smallest_np(a, k: int):
     return np.partition(a, k - 1)[k - 1]
 
 
-def kth_largest(a, count: int):
-    """The value ``v`` such that exactly the ``count`` largest elements of the 1-D tensor ``a`` are ``>= v``
-    (ties at ``v`` are all kept). Exact; a sampled bracket makes it a few comparisons instead of a full select."""
-    import torch
-
-    n = a.numel()
-    if count >= n:
-        return a.min()
-    if count <= 0:
-        return None
-    if n <= (1 << 18):
-        if a.device.type == "cpu" and a.dtype == torch.float32:
-            import numpy as np
-
-            return torch.from_numpy(np.array(kth_smallest_np(a.contiguous().numpy(), n - count + 1), dtype=np.float32).reshape(()))
-        return kthvalue(a, n - count + 1)
-    step = max(1, n // (1 << 16))
-    sample = a[::step].contiguous()
-    m = sample.numel()
-    q = 1.0 - count / n  # quantile of the threshold
-    margin = 4.0 / (m ** 0.5) + 1.0 / m
-    lo_q, hi_q = max(0.0, q - margin), min(1.0, q + margin)
-    ss = torch.sort(sample).values
-    lo = ss[int(lo_q * (m - 1))]
-    hi = ss[min(m - 1, int(hi_q * (m - 1)) + 1)]
-    above = int((a > hi).sum())
-    need = count - above
-    if need >= 1:
-        band = a[(a >= lo) & (a <= hi)]
-        if need <= band.numel():
-            return kthvalue(band, band.numel() - need + 1)
-    return kthvalue(a, n - count + 1)
-
-
 def _bracket_indices(m: int, n: int, count: int, sigmas=None):
     """Positions in the sorted sample of ``m`` values of a bracket around the ``count``-th largest of ``n``: a
     margin of ``4/sqrt(m)`` in quantile either side (at least 8 standard deviations of the sample quantile; the
@@ -257,28 +274,11 @@ def _bracket_indices(m: int, n: int, count: int, sigmas=None):
     return max(i_lo, int(max(0.0, q - narrow) * (m - 1))), min(i_hi, int(min(1.0, q + narrow) * (m - 1)) + 1)
 
 
-def bracket(sample, n: int, count: int):
-    """The sampled bracket ``(lo, hi)`` of the ``count``-th largest of ``n`` values (``sample``: a strided subset of
-    them, 1-D, CPU or device): the sample's order statistics a few standard deviations either side of the
-    threshold's quantile. Only where an exact search looks depends on it, never what it finds."""
-    i_lo, i_hi = _bracket_indices(sample.numel(), n, count)
-    if sample.device.type == "cpu":
-        import numpy as np
-
-        s = sample.float().contiguous().numpy()
-        part = np.partition(s, [i_lo, i_hi])  # the sorted sample's elements i_lo and i_hi (NaN last, as in a sort)
-        return float(part[i_lo]), float(part[i_hi])
-    import torch
-
-    ss = torch.sort(sample).values
-    return float(ss[i_lo]), float(ss[i_hi])
-
-
 NARROW_SIGMAS = 3.5
 
 
 def brackets(sample, n: int, count: int):
-    """``(narrow, wide)`` brackets ``(lo, hi)`` from a CPU ``sample``: ``wide`` is :func:`bracket`'s, ``narrow``
+    """``(narrow, wide)`` brackets ``(lo, hi)`` from a CPU ``sample``: ``wide`` spans a margin of ``4/sqrt(m)`` in quantile, ``narrow``
     (inside it) spans :data:`NARROW_SIGMAS` standard deviations of the sample quantile, about a third of its width.
     Gathering the values inside a bracket costs in proportion to how many there are (numpy's boolean gather
     branches on every kept value), so the search tries the narrow one first and the wide one only if the
@@ -327,45 +327,3 @@ class BandScan:
             return None
         band = np.concatenate(bands) if len(bands) != 1 else bands[0]
         return kth_smallest_np(band, size - need + 1)
-
-
-def kth_largest_streamed(values, n: int, count: int, sample):
-    """Like :func:`kth_largest` for a tensor that is produced slice by slice: ``values(s, e)`` returns elements
-    ``s..e`` as a 1-D fp32 tensor, ``sample`` is a 1-D tensor of some of its elements (a strided subset). The
-    sample brackets the answer; one pass counts the elements above the bracket and keeps those inside it, so no
-    buffer of the whole key is needed. Falls back to a full buffer when the sample misleads (exact either way).
-    Returns None when ``count <= 0``."""
-    import math
-
-    import torch
-
-    if count <= 0:
-        return None
-    if count >= n or n <= (1 << 18) or sample.numel() < 64:
-        return kth_largest(torch.cat([values(s, e) for s, e in slices(n)]), count)
-    lo, hi = bracket(sample, n, count)
-    if sample.device.type == "cpu" and not math.isnan(hi):
-        import numpy as np
-
-        scan = BandScan(lo, hi)
-
-        def one(s, e):
-            x = values(s, e)
-            masks = np_scratch("kth_streamed", 2, e - s)
-            return scan.scan(x.float().contiguous().numpy(), masks[0][: e - s], masks[1][: e - s])
-
-        t = scan.result(run_slices(n, one, work_size(n)), count)
-        if t is not None:
-            return torch.from_numpy(np.array(t, dtype=np.float32).reshape(()))
-    elif sample.device.type != "cpu" and not math.isnan(hi):
-        def scan_dev(s, e):
-            x = values(s, e)
-            return int((x > hi).sum()), x[(x >= lo) & (x <= hi)]
-
-        parts = run_slices(n, scan_dev)
-        need = count - sum(a for a, _ in parts)
-        band_t = torch.cat([b for _, b in parts])
-        if 1 <= need <= band_t.numel():
-            return kthvalue(band_t, band_t.numel() - need + 1)
-    full = torch.cat([values(s, e) for s, e in slices(n)])
-    return kthvalue(full, n - count + 1)

@@ -20,7 +20,10 @@ instead.
 import math
 
 from .registry import MergeMethod, Param, register
-from ._common import _TLS, empty_f32, f32, operand, run_slices, scratch, widen_into, work_size
+from ._common import (
+    _TLS, device_loader, device_slice, empty_f32, on_device, result_on, run_slices, scratch, slices, widen_into,
+    work_size,
+)
 
 BLOCK = 1 << 14
 DRAWS_KEPT = (1 << 20) + 2 * BLOCK  # the largest draw buffers kept per thread (an engine chunk's, 4 MiB each)
@@ -69,16 +72,20 @@ def keep_mask(key_seed: int, input_index: int, offset: int, n: int, drop: float,
     return keep if device is None or keep.device == device else keep.to(device)
 
 
-def dare_merge(tensors, weights, drop: float, scale: float, key_seed: int, sources, offset: int = 0, out=None):
+def dare_merge(tensors, weights, drop: float, scale: float, key_seed: int, sources, offset: int = 0, out=None,
+               ctx=None):
     """tensors[0] is the base; returns base + scale * sum_i w_i * mask_i * (M_i - base) / (1 - drop), flat fp32
-    (in ``out``, a contiguous fp32 tensor of at least the key's number of elements, when given)."""
+    (in ``out``, a contiguous fp32 tensor of at least the key's number of elements, when given). On a device
+    (tensors there, or ``ctx.load``): :func:`_dare_merge_device`."""
     import torch
 
     base = tensors[0].reshape(-1)
-    models = [m.reshape(-1) for m in tensors[1:]]
     n = base.numel()
-    if base.device.type != "cpu":
-        return _dare_merge_torch(base, models, weights, drop, scale, key_seed, sources, offset, out)
+    if on_device(tensors, ctx):
+        device = ctx.device if ctx is not None and ctx.load is not None else base.device
+        return _dare_merge_device(device_loader(tensors, ctx), n, weights, drop, scale, key_seed, sources, offset,
+                                  device, out)
+    models = [m.reshape(-1) for m in tensors[1:]]
     out = empty_f32(n) if out is None else out.reshape(-1)[:n]
     if drop > 0:
         first, last = offset // BLOCK, (offset + max(n, 1) - 1) // BLOCK
@@ -118,28 +125,26 @@ def dare_merge(tensors, weights, drop: float, scale: float, key_seed: int, sourc
     return out
 
 
-def _dare_merge_torch(base, models, weights, drop: float, scale: float, key_seed: int, sources, offset: int, out=None):
-    """The same merge with whole-tensor torch ops on the merge device (GPU and other devices)."""
+def _dare_merge_device(load, n: int, weights, drop: float, scale: float, key_seed: int, sources, offset: int, device,
+                       out=None):
+    """The same merge on a device (GPU, MPS), from slices that ``load(j, s, e)`` brings there (fp32, read only), in
+    slices of :func:`_common.device_slice` (N + 4 fp32 slices at once). The draws are made on the CPU, as
+    everywhere (the same masks on every device), and uploaded slice by slice."""
     import torch
 
-    n = base.numel()
-    out = torch.empty(n, dtype=torch.float32, device=base.device) if out is None else out.reshape(-1)[:n]
-    draws = [uniforms(key_seed, src, offset, n) if drop > 0 else None for src in sources[1:]]
-    draws = [None if u is None else u.to(base.device) for u in draws]
-
-    def one(s, e):
-        b = f32(base[s:e])
+    out = result_on(device, n, out)
+    ws = [float(w) for w in weights[1:]]
+    for s, e in slices(n, device_slice(n, len(ws) + 4)):
+        b = load(0, s, e)
         acc = torch.zeros_like(b)
-        for m, w, u in zip(models, weights[1:], draws):
-            d = torch.sub(operand(m[s:e]), b)
-            if u is not None:
-                d.masked_fill_(u[s:e] < drop, 0.0)
-            acc.add_(d, alpha=float(w))
+        for j, (src, w) in enumerate(zip(sources[1:], ws)):
+            d = torch.sub(load(j + 1, s, e), b)
+            if drop > 0:
+                d.masked_fill_(uniforms(key_seed, src, offset + s, e - s).to(device) < drop, 0.0)
+            acc.add_(d, alpha=w)
         if drop > 0:
             acc.div_(1.0 - drop)
         torch.add(b, acc, alpha=scale, out=out[s:e])
-
-    run_slices(n, one)
     return out
 
 
@@ -148,6 +153,7 @@ class Dare(MergeMethod):
     description = "DARE: randomly drop a fraction of each difference from the base, rescale the rest, add them"
     kind = "tensor"
     chunkable = True
+    streams_on_device = True
     params = (
         Param("drop", 0.5, 0.0, 0.999, "probability p of dropping each element of a difference"),
         Param("scale", 1.0, -2.0, 3.0, "lambda: how much of the summed differences is added to the base"),
@@ -155,12 +161,15 @@ class Dare(MergeMethod):
     min_inputs = 2
     uses_weights = False
     takes_base = True  # input 0 is the base (a manifest's "base" goes there)
-    memory_note = "element-wise: the fp32 result of a 4 MiB engine chunk, its random draws (4 MiB per model, kept per thread), 256 KiB slices"
+    memory_note = (
+        "element-wise: the fp32 result of a 4 MiB engine chunk, its random draws (4 MiB per model, kept per thread),"
+        " 256 KiB slices (CPU); on a GPU the fp32 result of the key and N+4 slices of about a key in all, flat in N"
+    )
 
     def merge_tensor(self, tensors, weights, params, ctx):
         return dare_merge(
             tensors, weights, float(params["drop"]), float(params["scale"]), ctx.seed, list(ctx.sources), ctx.offset,
-            out=ctx.out,
+            out=ctx.out, ctx=ctx,
         )
 
 

@@ -8,7 +8,9 @@ method never sees whole models. Two kinds exist:
   read of each input and one write of the output (weighted sum, add difference).
 * ``tensor``: :meth:`MergeMethod.merge_tensor` receives the fp32 tensors of one key from every input that has
   it (on the merge device) and returns the merged fp32 tensor. Memory is N tensors of that key. A method whose
-  function is element-wise sets ``chunkable = True`` and is then called on slices of the key instead.
+  function is element-wise sets ``chunkable = True`` and is then called on slices of the key instead (CPU). Off
+  the CPU a method that sets ``streams_on_device`` gets the inputs' host views and ``KeyContext.load``, which
+  brings slices of them to the device, so that its device memory does not grow with N (every built-in one does).
 
 Inputs are typed: :meth:`MergeMethod.input_kinds` says which input is the base (``takes_base``: input 0), which
 are role-bound (A, B, C) and which are ordinary models, and the plan refuses a key the base lacks instead of
@@ -21,7 +23,7 @@ package).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ManifestError
 
@@ -52,6 +54,11 @@ class KeyContext:
     # chunks) saves the allocation and the page faults of a fresh result each time. The caller must be done with the
     # previous result before it passes the buffer again. None: the method allocates its result.
     out: Any = None
+    # Off the CPU, for a method with ``streams_on_device``: ``load(j, s, e)`` gives elements s..e of input j as an
+    # fp32 tensor on ``device`` (read only), and the tensors passed in are the inputs' host views (file dtype), only
+    # for their sizes. The method merges in slices it loads, so no input is ever whole on the device.
+    load: Optional[Callable[[int, int, int], Any]] = None
+    device: Any = None
 
 
 class MergeMethod:
@@ -60,6 +67,7 @@ class MergeMethod:
     kind: str = "linear"  # "linear" or "tensor"
     chunkable: bool = False
     native_inputs: bool = False  # CPU: receive the inputs' views in their file dtype and widen slices itself (memory flat in N)
+    streams_on_device: bool = False  # off the CPU: load slices through KeyContext.load (device memory flat in N)
     params: Tuple[Param, ...] = ()
     min_inputs: int = 2
     max_inputs: Optional[int] = None

@@ -15,7 +15,10 @@ fp32).
 import math
 
 from .registry import MergeMethod, Param, register
-from ._common import SLICE, empty_f32, f32, flat, run_slices, scratch, slices, widen_into, work_size
+from ._common import (
+    SLICE, device_loader, device_slice, empty_f32, flat, on_device, result_on, run_slices, scratch, slices, widen_into,
+    work_size,
+)
 
 PARALLEL = 0.9995
 
@@ -31,15 +34,16 @@ def slerp_coefficients(dot: float, na2: float, nb2: float, t: float):
     return math.sin((1.0 - t) * w) / s, math.sin(t * w) / s
 
 
-def slerp_merge(a, b, t: float, out=None):
+def slerp_merge(a, b, t: float, out=None, ctx=None):
     """The merge of one key (any float dtypes; on the CPU, memory-mapped views are fine). Returns a flat fp32
     tensor (``out`` when given: a contiguous fp32 tensor of at least the key's number of elements)."""
     import torch
 
     a, b = flat(a), flat(b)
     n = a.numel()
-    if a.device.type != "cpu":
-        return _slerp_merge_torch(a, b, t, out)
+    if on_device([a, b], ctx):
+        device = ctx.device if ctx is not None and ctx.load is not None else a.device
+        return _slerp_merge_device(device_loader([a, b], ctx), n, t, device, out)
     # pass 1: the three dot products in fp64, one per SLICE and summed slice by slice in order, as always (the
     # slices may run on several threads: each one's dots do not depend on where it runs)
     def dots(s, e):
@@ -78,22 +82,35 @@ def _widen64(x, v, tmp32):
     return x.copy_(widen_into(tmp32, v))
 
 
-def _slerp_merge_torch(a, b, t: float, out=None):
-    """The same merge with torch ops on the key's device (GPU and other devices)."""
+def _slerp_merge_device(load, n: int, t: float, device, out=None):
+    """The same merge on a device (GPU, MPS), from slices that ``load(j, s, e)`` brings there (fp32, read only).
+    The dot products are taken per ``SLICE`` on the device in fp64, batched (one kernel per big slice), come back to
+    the host once per key and are added up there in the same order as on the CPU; the per-slice values may round
+    differently from the CPU's ``torch.dot`` (the reductions run in another order), so the coefficients, and the
+    result, may differ from the CPU's in the last bit."""
     import torch
 
-    n = a.numel()
+    size = device_slice(n, 12)  # the fp64 copies and products of pass 1: about 12 fp32 slices
+    parts = []
+    for s, e in slices(n, size):
+        x, y = load(0, s, e).double(), load(1, s, e).double()
+        m = (e - s) // SLICE * SLICE  # s is a multiple of SLICE: these rows are the CPU's slices
+        if m:
+            xs, ys = x[:m].view(-1, SLICE), y[:m].view(-1, SLICE)
+            parts.append(torch.stack([(xs * ys).sum(1), (xs * xs).sum(1), (ys * ys).sum(1)], 1))
+        if m < e - s:
+            xt, yt = x[m:], y[m:]
+            parts.append(torch.stack([torch.dot(xt, yt), torch.dot(xt, xt), torch.dot(yt, yt)]).reshape(1, 3))
+        del x, y
     dot = na2 = nb2 = 0.0
-    for s, e in slices(n):
-        x = f32(a[s:e]).double()
-        y = f32(b[s:e]).double()
-        dot += float(torch.dot(x, y))
-        na2 += float(torch.dot(x, x))
-        nb2 += float(torch.dot(y, y))
+    for d, p, q in torch.cat(parts).cpu().tolist():  # the key's one wait for the device
+        dot += d
+        na2 += p
+        nb2 += q
     c0, c1 = slerp_coefficients(dot, na2, nb2, t)
-    out = torch.empty(n, dtype=torch.float32, device=a.device) if out is None else out.reshape(-1)[:n]
-    for s, e in slices(n):
-        torch.add(f32(a[s:e]) * c0, f32(b[s:e]), alpha=c1, out=out[s:e])
+    out = result_on(device, n, out)
+    for s, e in slices(n, device_slice(n, 4)):
+        torch.add(load(0, s, e) * c0, load(1, s, e), alpha=c1, out=out[s:e])
     return out
 
 
@@ -102,6 +119,7 @@ class Slerp(MergeMethod):
     description = "spherical interpolation between two models, per key (t=0: A, t=1: B)"
     kind = "tensor"
     native_inputs = True
+    streams_on_device = True
     params = (Param("t", 0.5, 0.0, 1.0, "position between A (0) and B (1)"),)
     min_inputs = 2
     max_inputs = 2
@@ -110,7 +128,7 @@ class Slerp(MergeMethod):
     memory_note = "one fp32 result of the key plus a few fp64 slices (CPU); two passes over the key's inputs"
 
     def merge_tensor(self, tensors, weights, params, ctx):
-        return slerp_merge(tensors[0], tensors[1], float(params["t"]), out=ctx.out)
+        return slerp_merge(tensors[0], tensors[1], float(params["t"]), out=ctx.out, ctx=ctx)
 
 
 register(Slerp())

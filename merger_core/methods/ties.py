@@ -31,7 +31,8 @@ tails) as it always has, and the result is the same bit for bit whatever the sli
    the same torch operations in the same order as always. Where a step was a zero fill followed by an add, it is
    one op with the same result (up to the sign of a zero that nothing reads: a zero vote or denominator).
 
-Other devices run the two passes with torch operations only (``_ties_merge_torch``).
+On a device (GPU, MPS) the two passes run with torch operations on slices the engine brings over one at a time
+(``_ties_merge_device``): device memory about two fp32 keys, whatever the number of models.
 """
 
 import math
@@ -41,13 +42,19 @@ from ._common import (
     _TLS,
     BandScan,
     brackets,
+    device_loader,
+    device_slice,
     empty_f32,
     f32,
     flat,
-    kth_largest_streamed,
     kth_smallest_np,
+    kthvalue,
+    on_device,
     operand,
+    result_on,
+    run_each,
     run_slices,
+    slices,
     widen_into,
     work_size,
     workers,
@@ -55,22 +62,25 @@ from ._common import (
 
 SAMPLE = 1 << 16  # elements sampled (strided) to bracket each threshold
 DIRECT = 1 << 18  # keys up to this many elements select their thresholds from the whole |d| directly
+PER_MODEL_THREADS = 1 << 15  # keys from this many elements spread the per-model steps of the search over the threads
 GROUP = 8  # models whose thresholds one pass over the key finds together (each keeps ~2% of the key's values)
 
 
-def ties_merge(tensors, weights, density: float, scale: float, out=None):
+def ties_merge(tensors, weights, density: float, scale: float, out=None, ctx=None):
     """tensors[0] is the base; any float dtype: every slice meets fp32 arithmetic widened (fp16/bf16 inside the
     operation, fp8 and fp64 first: torch does not promote fp8 in mixed operations). Returns a flat fp32 tensor:
     ``out`` (a contiguous fp32 tensor of at least the key's number of elements on the same device, reused between
-    keys by a caller that wants no fresh allocation per key) when given, else a new one."""
+    keys by a caller that wants no fresh allocation per key) when given, else a new one. On a device (tensors
+    there, or ``ctx.load``): :func:`_ties_merge_device`."""
     base = flat(tensors[0])
-    models = [flat(t) for t in tensors[1:]]
     ws = [float(w) for w in weights[1:]]
     n = base.numel()
+    if on_device(tensors, ctx):
+        device = ctx.device if ctx is not None and ctx.load is not None else base.device
+        return _ties_merge_device(device_loader(tensors, ctx), n, ws, density, scale, device, out)
+    models = [flat(t) for t in tensors[1:]]
     if out is not None:
         out = out.reshape(-1)[:n]
-    if base.device.type != "cpu":
-        return _ties_merge_torch(base, models, ws, density, scale, out)
     count = min(n, math.ceil(density * n - 1e-9))
     if out is None:
         out = empty_f32(n)
@@ -208,21 +218,28 @@ class _Ties:
     # -- thresholds ---------------------------------------------------------------------------------------------
     def thresholds(self, count: int) -> list:
         """Each model's exact ``count``-th largest ``|M_i - base|`` over the key (numpy float32 values)."""
-        import numpy as np
         import torch
 
         base, models, n = self.base, self.models, self.n
+        # Each model's share of the search outside the slice passes (its selection, its sample and brackets, its
+        # band's selection) runs on the worker threads side by side (run_each), for keys big enough to pay a hand-off.
+        each = run_each if n >= PER_MODEL_THREADS else (lambda fns: [f() for f in fns])
         if n <= DIRECT:
             b = widen_into(torch.empty(n, dtype=torch.float32), base)
-            x = torch.empty(n, dtype=torch.float32)
-            return [kth_smallest_np(_absdiff_into(x, m, b).numpy(), n - count + 1) for m in models]
+
+            def select(m):
+                x = torch.empty(n, dtype=torch.float32)
+                return kth_smallest_np(_absdiff_into(x, m, b).numpy(), n - count + 1)
+
+            return each([lambda m=m: select(m) for m in models])
         step = max(1, n // SAMPLE)
         b_sample = f32(base[::step])
-        tries = []  # per model: the brackets to try, narrow first
-        for m in models:
-            sample = torch.sub(operand(m[::step]), b_sample).abs_()
-            narrow, wide = brackets(sample, n, count)
-            tries.append([] if math.isnan(wide[1]) else [narrow, wide])  # a NaN bound brackets nothing
+
+        def bracket_of(m):  # the brackets to try, narrow first; a NaN bound brackets nothing
+            narrow, wide = brackets(torch.sub(operand(m[::step]), b_sample).abs_(), n, count)
+            return [] if math.isnan(wide[1]) else [narrow, wide]
+
+        tries = each([lambda m=m: bracket_of(m) for m in models])
         found = [None] * len(models)
         for attempt in range(2):
             todo = [i for i in range(len(models)) if found[i] is None and len(tries[i]) > attempt]
@@ -242,8 +259,9 @@ class _Ties:
                     return res
 
                 parts = run_slices(n, one, self.size)
+                results = each([lambda j=j: BandScan.result([p[j] for p in parts], count) for j in range(len(group))])
                 for j, i in enumerate(group):
-                    found[i] = BandScan.result([p[j] for p in parts], count)
+                    found[i] = results[j]
         for i, t in enumerate(found):
             if t is None:  # the sample misled (or saw NaN): select from the whole |d|
                 full = empty_f32(n)
@@ -285,58 +303,53 @@ def _absdiff_into(x, m, b):
     return torch.sub(x, b, out=x).abs_()
 
 
-def _ties_merge_torch(base, models, ws, density: float, scale: float, out=None):
-    """The same merge with torch operations only (GPU and other devices): whole fp32 tensors of the key."""
+def _ties_merge_device(load, n: int, ws, density: float, scale: float, device, out=None):
+    """The same merge on a device (GPU, MPS), from slices that ``load(j, s, e)`` brings there (fp32, read only).
+
+    Pass 1, per model: ``|M_i - base|`` of the whole key in one fp32 buffer, and its exact threshold by
+    ``kthvalue`` (a 0-dim tensor that stays on the device: no wait for the host). Pass 2 in slices of
+    :func:`_common.device_slice` (N + 5 fp32 slices at once, about one key): trim (``|d| < t`` set to 0, which is
+    ``hardshrink`` at the float below ``t``; NaN is kept, as there), elect, average, in the order of the CPU path.
+    Device memory: the result and one fp32 key, whatever N."""
     import torch
 
-    n = base.numel()
+    N = len(ws)
     count = min(n, math.ceil(density * n - 1e-9))
-    thresholds = []
-    for m in models:  # pass 1: each model's magnitude threshold over the whole key, streamed
-        def absdiff(s, e, m=m):
-            return torch.sub(operand(m[s:e]), f32(base[s:e])).abs_()
-
-        step = max(1, n // SAMPLE)
-        sample = torch.sub(operand(m[::step]), f32(base[::step])).abs_()
-        thresholds.append(None if count >= n else kth_largest_streamed(absdiff, n, count, sample))
-    keep_all = count >= n
-    signed_weights = any(w <= 0 for w in ws)
+    out = result_on(device, n, out)
+    size = device_slice(n, N + 5)
+    thresholds = [None] * N
+    if 0 < count < n:
+        for i in range(N):
+            absd = torch.empty(n, dtype=torch.float32, device=device)
+            for s, e in slices(n, size):
+                torch.sub(load(i + 1, s, e), load(0, s, e), out=absd[s:e]).abs_()
+            thresholds[i] = kthvalue(absd, n - count + 1)
+            del absd
+    signed = any(w <= 0 for w in ws)
     min_w = min(ws) if ws else 1.0
-    lambdas = [
-        -1.0 if keep_all else None if t is None else float(torch.nextafter(t.reshape(()).float(), torch.zeros((), device=t.device)))
-        for t in thresholds
-    ]
-    if out is None:
-        out = torch.empty(n, dtype=torch.float32, device=base.device)
-
-    def pass2(s, e):  # trim, elect, disjoint mean for one slice
-        b = f32(base[s:e])
+    for s, e in slices(n, size):
+        b = load(0, s, e)
         trimmed = []
-        vote = torch.zeros_like(b)
-        for m, lam, w in zip(models, lambdas, ws):
-            if lam is None:
-                trimmed.append(None)
-                continue
-            d = torch.sub(operand(m[s:e]), b)
-            if lam >= 0:
-                d = torch.nn.functional.hardshrink(d, lam)
-            trimmed.append(d)
-            vote.add_(d, alpha=w)
+        if count > 0:
+            vote = torch.zeros_like(b)
+            for i, w in enumerate(ws):
+                d = torch.sub(load(i + 1, s, e), b)
+                if thresholds[i] is not None:
+                    d.masked_fill_(d.abs() < thresholds[i], 0.0)
+                trimmed.append((d, w))
+                vote.add_(d, alpha=w)
         num = torch.zeros_like(b)
         den = torch.zeros_like(b)
-        for d, w in zip(trimmed, ws):
-            if d is None:
-                continue
+        for d, w in trimmed:
             agree = torch.mul(d, vote).gt_(0)
             num.addcmul_(d, agree, value=w)
             den.add_(agree, alpha=w)
-        if signed_weights:
+        if signed:
             merged = torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
         else:
             merged = num.div_(den.clamp_min_(min_w))
         torch.add(b, merged, alpha=scale, out=out[s:e])
-
-    run_slices(n, pass2)
+        del trimmed
     return out
 
 
@@ -345,6 +358,7 @@ class Ties(MergeMethod):
     description = "TIES: trim each difference from the base to its top-k, elect signs, average the agreeing ones"
     kind = "tensor"
     native_inputs = True
+    streams_on_device = True
     params = (
         Param("density", 0.2, 0.0, 1.0, "fraction of each difference kept (by magnitude, per key)"),
         Param("scale", 1.0, -2.0, 3.0, "lambda: how much of the merged difference is added to the base"),
@@ -355,11 +369,11 @@ class Ties(MergeMethod):
     memory_note = (
         "the fp32 result of the key, the values near each threshold (about 2% of the key for each of up to 8"
         " models at a time), and N+5 slices of 256 KiB per thread; independent of the number of models (CPU). On a"
-        " GPU the engine also holds the N+1 fp32 inputs of the key."
+        " GPU: the fp32 result and one fp32 key (|M_i - base| for a threshold, then N+5 slices), flat in N."
     )
 
     def merge_tensor(self, tensors, weights, params, ctx):
-        return ties_merge(tensors, weights, float(params["density"]), float(params["scale"]), out=ctx.out)
+        return ties_merge(tensors, weights, float(params["density"]), float(params["scale"]), out=ctx.out, ctx=ctx)
 
 
 register(Ties())

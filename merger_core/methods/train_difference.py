@@ -14,7 +14,7 @@ floor would be 0: there the selects are kept.)
 """
 
 from .registry import MergeMethod, Param, register
-from ._common import SLICE, f32, run_slices, scratch, work_size
+from ._common import SLICE, device_loader, device_slice, f32, on_device, result_on, run_slices, scratch, slices, work_size
 
 SCALE = 1.8
 
@@ -64,23 +64,29 @@ class TrainDifference(MergeMethod):
     max_inputs = 3
     roles = ("A", "B", "C")
     uses_weights = False
-    memory_note = "element-wise: the fp32 result of a 4 MiB engine chunk and a few 256 KiB slices per thread"
+    streams_on_device = True
+    memory_note = (
+        "element-wise: the fp32 result of a 4 MiB engine chunk and a few 256 KiB slices per thread (CPU); on a GPU"
+        " the fp32 result of the key and about one more key in slices"
+    )
 
     def merge_tensor(self, tensors, weights, params, ctx):
-        if len(tensors) != 3 or list(ctx.sources) != [0, 1, 2]:
-            return tensors[0]  # a key that not all of A, B, C have: kept from the first that has it
         import torch
 
+        n = tensors[0].numel()
+        device = ctx.device if ctx.load is not None else tensors[0].device
+        if len(tensors) != 3 or list(ctx.sources) != [0, 1, 2]:
+            # a key that not all of A, B, C have: kept from the first that has it
+            if ctx.load is not None:
+                return result_on(device, n, ctx.out).copy_(ctx.load(0, 0, n))
+            return tensors[0]
         a, b, c = (t.reshape(-1) for t in tensors)
         alpha = float(params["alpha"])
-        n = a.numel()
-        if a.device.type != "cpu":
-            out = torch.empty(n, dtype=torch.float32, device=a.device)
-
-            def one_dev(s, e):
-                out[s:e] = train_difference(f32(a[s:e]), f32(b[s:e]), f32(c[s:e]), alpha)
-
-            run_slices(n, one_dev)
+        if on_device(tensors, ctx):  # on a GPU: slices brought over by the engine (3 inputs and ~5 temporaries)
+            load = device_loader(tensors, ctx)
+            out = result_on(device, n, ctx.out)
+            for s, e in slices(n, device_slice(n, 8)):
+                out[s:e] = train_difference(load(0, s, e), load(1, s, e), load(2, s, e), alpha)
             return out
         out = ctx.out.reshape(-1)[:n] if ctx.out is not None else torch.empty(n, dtype=torch.float32)
         floor = 1e-45 if _denormals_kept() else 0.0

@@ -1,0 +1,122 @@
+"""The tensor methods' device paths (``streams_on_device``): they merge from slices that ``KeyContext.load`` brings
+to the device, so no input is ever whole there and device memory stays flat in the number of models.
+
+Here the "device" is the CPU: the loader hands out CPU tensors, which runs the very code a GPU runs. Checked: the
+same bytes as the CPU paths (SLERP within one fp32 ulp: its per-slice dot products are batched differently), slices
+no larger than ``device_slice`` allows, and the loaded slices alive at once bounded by about one key whatever N.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+
+from merger_core.methods import _common, get_method
+from merger_core.methods.registry import KeyContext
+
+N_ELEMENTS = 300_007
+
+
+@pytest.fixture(autouse=True)
+def small_device_slices(monkeypatch):
+    """Slices of the size a GPU uses for keys of tens of millions of elements, scaled down to a small key."""
+    monkeypatch.setattr(_common, "DEVICE_SLICE_MIN", 1 << 15)
+
+
+class Loader:
+    """``KeyContext.load`` over CPU tensors that records every slice asked for and the elements alive at once."""
+
+    def __init__(self, tensors):
+        self.flats = [t.reshape(-1) for t in tensors]
+        self.sizes = []
+        self.live = 0
+        self.most_live = 0
+
+    def _freed(self, n):
+        self.live -= n
+
+    def __call__(self, j, s, e):
+        x = self.flats[j][s:e].to(torch.float32, copy=True)
+        self.sizes.append(e - s)
+        self.live += e - s
+        self.most_live = max(self.most_live, self.live)
+        weakref.finalize(x, self._freed, e - s)
+        return x
+
+
+def family(models, dtype, seed=0, n=N_ELEMENTS):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g) * 0.05
+    ts = [base] + [base + torch.randn(n, generator=g) * 1e-3 for _ in range(models)]
+    ts[1][::101] = ts[0][::101]  # equal magnitudes and zero differences
+    return [t.to(dtype) for t in ts]
+
+
+CASES = [
+    ("ties", {"density": 0.2, "scale": 0.9}),
+    ("ties", {"density": 1.0, "scale": 1.0}),
+    ("ties", {"density": 0.0, "scale": 1.0}),
+    ("dare", {"drop": 0.4, "scale": 1.0}),
+    ("train_difference", {"alpha": 0.7}),
+    ("slerp", {"t": 0.3}),
+]
+
+
+def _run(name, params, ts, load=None):
+    method = get_method(name)
+    params = method.check_params(params)
+    ws = [1.0] + [(0.7, -0.3, 1.2)[i % 3] for i in range(len(ts) - 1)]
+    ctx = KeyContext("k", 1234, (), list(range(len(ts))), load=load, device=torch.device("cpu") if load else None)
+    if name == "train_difference" and load is None:  # the engine hands this method fp32 on the CPU
+        ts = [t.float() for t in ts]
+    return method.merge_tensor(ts, ws, params, ctx).reshape(-1)
+
+
+@pytest.mark.parametrize("name,params", CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float32])
+def test_the_device_path_gives_the_cpu_paths_bytes(name, params, dtype):
+    models = {"slerp": 1, "train_difference": 2}.get(name, 3)
+    ts = family(models, dtype)
+    cpu = _run(name, params, ts)
+    load = Loader(ts)
+    dev = _run(name, params, ts, load)
+    assert len(load.sizes) > len(ts)  # it really went slice by slice
+    if name == "slerp":  # within one fp32 ulp
+        gap = (cpu.view(torch.int32).long() - dev.view(torch.int32).long()).abs().max()
+        assert int(gap) <= 1
+    else:
+        assert torch.equal(cpu.view(torch.int32), dev.view(torch.int32))
+
+
+@pytest.mark.parametrize("name,params", [CASES[0], CASES[3]])
+def test_device_memory_of_the_loaded_slices_is_flat_in_the_number_of_models(name, params):
+    most = {}
+    for models in (2, 4, 8):
+        ts = family(models, torch.float16, seed=models)
+        load = Loader(ts)
+        _run(name, params, ts, load)
+        size = _common.device_slice(N_ELEMENTS, models + 5)
+        assert max(load.sizes) <= size
+        most[models] = load.most_live
+    # what the slices in flight hold at once: about one key (plus a slice's rounding), not N keys
+    assert all(v <= 1.5 * N_ELEMENTS for v in most.values()), most
+    assert most[8] <= 1.5 * most[2], most
+
+
+def test_device_slices_are_whole_small_keys_and_multiples_of_slice():
+    assert _common.device_slice(1000, 13) == 1000
+    for n in (10_000_000, 63_000_000):
+        for k in (3, 7, 13):
+            d = _common.device_slice(n, k)
+            assert d % _common.SLICE == 0 and d >= _common.DEVICE_SLICE_MIN and d * k <= n + k * _common.SLICE
+
+
+def test_train_difference_keeps_the_first_input_when_a_key_is_missing_on_the_device():
+    ts = family(1, torch.float16)
+    method = get_method("train_difference")
+    load = Loader(ts)
+    ctx = KeyContext("k", 0, (), [0, 2], load=load, device=torch.device("cpu"))
+    got = method.merge_tensor(ts, [1, 1], method.check_params({"alpha": 1.0}), ctx)
+    assert got.dtype == torch.float32 and torch.equal(got, ts[0].float())
