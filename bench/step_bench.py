@@ -86,7 +86,7 @@ def main(argv=None) -> int:
 
         measure("mmap fresh", over_map, count * len(paths))
         measure("mmap populated", over_map, count * len(paths))
-        del views
+        views.clear()  # the maps can close only once no tensor holds them
         bufs = [torch.empty(STEP, dtype=torch.float16) for _ in paths]
         mvs = [memoryview(b.numpy()).cast("B") for b in bufs]
         fds = [f.fileno() for f in files]
