@@ -120,3 +120,17 @@ def test_train_difference_keeps_the_first_input_when_a_key_is_missing_on_the_dev
     ctx = KeyContext("k", 0, (), [0, 2], load=load, device=torch.device("cpu"))
     got = method.merge_tensor(ts, [1, 1], method.check_params({"alpha": 1.0}), ctx)
     assert got.dtype == torch.float32 and torch.equal(got, ts[0].float())
+
+
+def test_slerp_takes_its_dot_products_on_the_cpu_where_the_device_has_no_float64(monkeypatch):
+    """MPS has no float64: there SLERP's first pass brings its slices back to the CPU (same coefficients)."""
+    from merger_core.methods import slerp
+
+    ts = family(1, torch.float16)
+    want = _run("slerp", {"t": 0.3}, ts, Loader(ts))
+    monkeypatch.setattr(slerp, "has_fp64", lambda device: False)
+    moved = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **kw: moved.append(self.numel()) or real_cpu(self, *a, **kw))
+    got = _run("slerp", {"t": 0.3}, ts, Loader(ts))
+    assert sum(moved) >= 2 * N_ELEMENTS and torch.equal(got.view(torch.int32), want.view(torch.int32))

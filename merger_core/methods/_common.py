@@ -206,6 +206,11 @@ def on_device(tensors, ctx) -> bool:
     return (ctx is not None and getattr(ctx, "load", None) is not None) or tensors[0].device.type != "cpu"
 
 
+def has_fp64(device) -> bool:
+    """Whether ``device`` computes in float64 (MPS does not)."""
+    return getattr(device, "type", str(device)) != "mps"
+
+
 def result_on(device, n: int, out=None):
     """``out`` (a contiguous fp32 buffer of at least ``n`` elements) cut to ``n``, or a new fp32 tensor on ``device``."""
     import torch

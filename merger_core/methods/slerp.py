@@ -16,7 +16,7 @@ import math
 
 from .registry import MergeMethod, Param, register
 from ._common import (
-    SLICE, device_loader, device_slice, empty_f32, flat, on_device, result_on, run_slices, scratch, slices, widen_into,
+    SLICE, device_loader, device_slice, empty_f32, flat, has_fp64, on_device, result_on, run_slices, scratch, slices, widen_into,
     work_size,
 )
 
@@ -91,9 +91,13 @@ def _slerp_merge_device(load, n: int, t: float, device, out=None):
     import torch
 
     size = device_slice(n, 12)  # the fp64 copies and products of pass 1: about 12 fp32 slices
+    here = has_fp64(device)  # MPS has no float64: there pass 1 runs on the CPU, from slices brought back
     parts = []
     for s, e in slices(n, size):
-        x, y = load(0, s, e).double(), load(1, s, e).double()
+        x, y = load(0, s, e), load(1, s, e)
+        if not here:
+            x, y = x.cpu(), y.cpu()
+        x, y = x.double(), y.double()
         m = (e - s) // SLICE * SLICE  # s is a multiple of SLICE: these rows are the CPU's slices
         if m:
             xs, ys = x[:m].view(-1, SLICE), y[:m].view(-1, SLICE)
