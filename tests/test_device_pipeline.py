@@ -85,6 +85,40 @@ def test_the_pipeline_gives_the_chunked_paths_file_byte_for_byte(tmp_path, metho
     assert helpers.sha256_file(tmp_path / "cpu" / "m.safetensors") == helpers.sha256_file(tmp_path / "dev" / "m.safetensors")
 
 
+@pytest.mark.parametrize("method,params", [("weighted_sum", {}), ("ties", {"density": 0.4})])
+def test_fp8_inputs_widened_on_the_host_for_a_backend_without_fp8(tmp_path, method, params, monkeypatch):
+    """MPS has no fp8 dtypes: the pipeline widens fp8 inputs to fp16 on the host there (exact), and the merge gives
+    the bytes of the chunked path (forced here on the CPU with the pipeline's ``widen_fp8``)."""
+    g = torch.Generator().manual_seed(6)
+    paths = []
+    for i, dt in enumerate([torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fn]):
+        ts = {k: (torch.randn(shape, generator=g) * 2).to(dt) for k, shape in KEYS.items() if k != "e.position_ids"}
+        p = tmp_path / f"f{i}.safetensors"
+        save_file(ts, str(p))
+        paths.append(str(p))
+    want, _ = merge_to_state_dict(_plan(paths, method=method, params=params, dtype="fp16"))
+    monkeypatch.setattr(runner, "_chunked", lambda device: False)
+    real_init, real_upload = pipeline_mod.DevicePipeline.__init__, pipeline_mod.DevicePipeline.upload
+    sent = []
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self.widen_fp8 = True
+        self.staging = [torch.empty(2 * b.numel(), dtype=torch.uint8) for b in self.staging]
+        self.dev_in = [torch.empty(2 * b.numel(), dtype=torch.uint8) for b in self.dev_in]
+
+    def upload(self, flat):
+        dev, slot = real_upload(self, flat)
+        sent.append(dev.dtype)
+        return dev, slot
+
+    monkeypatch.setattr(pipeline_mod.DevicePipeline, "__init__", init)
+    monkeypatch.setattr(pipeline_mod.DevicePipeline, "upload", upload)
+    got, _ = merge_to_state_dict(_plan(paths, method=method, params=params, dtype="fp16"))
+    assert sent and set(sent) == {torch.float16}
+    assert _equal(want, got)
+
+
 def test_device_keys_reach_the_sink_in_order_one_key_later(tmp_path, device_path):
     paths = _models(tmp_path, 3)
     got, _ = merge_to_state_dict(_plan(paths))

@@ -49,7 +49,10 @@ class DevicePipeline:
         self.cuda = device.type == "cuda"
         self.mps = device.type == "mps"
         pin = self.cuda
-        in_bytes = max(16, int(in_bytes))
+        # MPS has no fp8 dtypes: fp8 inputs are widened to fp16 on the host (exactly: every e4m3fn and e5m2 value
+        # is an fp16 value) before they go over, so the staging buffers hold twice their bytes there
+        self.widen_fp8 = self.mps
+        in_bytes = max(16, int(in_bytes)) * (2 if self.widen_fp8 else 1)
         out_bytes = max(16, int(out_bytes))
         self.staging = [torch.empty(in_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self.dev_in = [torch.empty(in_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
@@ -81,6 +84,8 @@ class DevicePipeline:
         torch = self.torch
         slot = self.in_slot
         self.in_slot ^= 1
+        if self.widen_fp8 and flat.dtype.is_floating_point and flat.element_size() == 1:
+            flat = flat.to(torch.float16)
         nbytes = flat.numel() * flat.element_size()
         if self.cuda and self._used_in[slot]:
             self.staged[slot].synchronize()  # the last upload out of this staging buffer is done
