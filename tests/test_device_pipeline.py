@@ -86,9 +86,11 @@ def test_the_pipeline_gives_the_chunked_paths_file_byte_for_byte(tmp_path, metho
 
 
 @pytest.mark.parametrize("method,params", [("weighted_sum", {}), ("ties", {"density": 0.4})])
-def test_fp8_inputs_widened_on_the_host_for_a_backend_without_fp8(tmp_path, method, params, monkeypatch):
-    """MPS has no fp8 dtypes: the pipeline widens fp8 inputs to fp16 on the host there (exact), and the merge gives
-    the bytes of the chunked path (forced here on the CPU with the pipeline's ``widen_fp8``)."""
+@pytest.mark.parametrize("dtype", ["fp16", "keep"])
+def test_fp8_inputs_widened_on_the_host_for_a_backend_without_fp8(tmp_path, method, params, dtype, monkeypatch):
+    """MPS has no fp8 dtypes: the pipeline widens fp8 inputs to fp16 on the host there (exact) and brings an fp8
+    output back as fp32 to cast it on the host; the merge gives the bytes of the chunked path (forced here on the CPU
+    with the pipeline's ``widen_fp8``)."""
     g = torch.Generator().manual_seed(6)
     paths = []
     for i, dt in enumerate([torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fn]):
@@ -96,7 +98,8 @@ def test_fp8_inputs_widened_on_the_host_for_a_backend_without_fp8(tmp_path, meth
         p = tmp_path / f"f{i}.safetensors"
         save_file(ts, str(p))
         paths.append(str(p))
-    want, _ = merge_to_state_dict(_plan(paths, method=method, params=params, dtype="fp16"))
+    want, _ = merge_to_state_dict(_plan(paths, method=method, params=params, dtype=dtype))
+    assert {t.dtype for t in want.values()} == ({torch.float16} if dtype == "fp16" else {torch.float8_e4m3fn})
     monkeypatch.setattr(runner, "_chunked", lambda device: False)
     real_init, real_upload = pipeline_mod.DevicePipeline.__init__, pipeline_mod.DevicePipeline.upload
     sent = []
@@ -112,10 +115,19 @@ def test_fp8_inputs_widened_on_the_host_for_a_backend_without_fp8(tmp_path, meth
         sent.append(dev.dtype)
         return dev, slot
 
+    real_finish = pipeline_mod.DevicePipeline.finish
+    came_back = []
+
+    def finish(self, job, *a, **kw):
+        real_finish(self, job, *a, **kw)
+        came_back.append(self.pending[-1][2].dtype)  # what the device wrote and the host received
+
     monkeypatch.setattr(pipeline_mod.DevicePipeline, "__init__", init)
     monkeypatch.setattr(pipeline_mod.DevicePipeline, "upload", upload)
-    got, _ = merge_to_state_dict(_plan(paths, method=method, params=params, dtype="fp16"))
+    monkeypatch.setattr(pipeline_mod.DevicePipeline, "finish", finish)
+    got, _ = merge_to_state_dict(_plan(paths, method=method, params=params, dtype=dtype))
     assert sent and set(sent) == {torch.float16}
+    assert came_back and set(came_back) == ({torch.float16} if dtype == "fp16" else {torch.float32})
     assert _equal(want, got)
 
 

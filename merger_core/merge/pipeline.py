@@ -138,6 +138,9 @@ class DevicePipeline:
                 values = torch.nan_to_num(values, nan=0.0, posinf=limit, neginf=-limit).clamp_(-limit, limit)
         else:
             counts.zero_()
+        cast_on_host = self.widen_fp8 and out_dt.is_floating_point and out_dt.itemsize == 1
+        if cast_on_host:  # no fp8 on the device: fp32 comes back (the buffers hold it) and is cast on the host
+            out_dt, nbytes = torch.float32, n * 4
         dev = self.dev_out[slot][:nbytes].view(out_dt)
         dev.copy_(values.reshape(-1)[:n])
         # host_out[slot] is free: at most one key waits in `pending` (the one before this, in the other slot); the
@@ -155,16 +158,18 @@ class DevicePipeline:
         else:
             host.copy_(dev)
             hcounts.copy_(counts)
-        self.pending.append((job, slot, host, hcounts, sink))
+        self.pending.append((job, slot, host, hcounts, sink, cast_on_host))
         while len(self.pending) > 1:
             self._emit_oldest(emit)
 
     def _emit_oldest(self, emit: Callable) -> None:
-        job, slot, host, hcounts, sink = self.pending.popleft()
+        job, slot, host, hcounts, sink, cast_on_host = self.pending.popleft()
         if self.cuda:
             self.downloaded[slot].synchronize()
         elif self.mps:
             self.torch.mps.synchronize()
+        if cast_on_host:
+            host = host.to(torch_dtype(job.out_dtype))
         emit(job, host, [int(x) for x in hcounts.tolist()], sink)
 
     def flush(self, emit: Callable) -> None:
