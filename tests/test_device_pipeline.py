@@ -87,26 +87,28 @@ def test_the_pipeline_gives_the_chunked_paths_file_byte_for_byte(tmp_path, metho
 
 @pytest.mark.parametrize("method,params", [("weighted_sum", {}), ("ties", {"density": 0.4})])
 @pytest.mark.parametrize("dtype", ["fp16", "keep"])
-def test_fp8_inputs_widened_on_the_host_for_a_backend_without_fp8(tmp_path, method, params, dtype, monkeypatch):
-    """MPS has no fp8 dtypes: the pipeline widens fp8 inputs to fp16 on the host there (exact) and brings an fp8
-    output back as fp32 to cast it on the host; the merge gives the bytes of the chunked path (forced here on the CPU
-    with the pipeline's ``widen_fp8``)."""
+@pytest.mark.parametrize("kind", ["fp8", "f64"])
+def test_dtypes_a_backend_lacks_are_cast_on_the_host(tmp_path, method, params, dtype, kind, monkeypatch):
+    """MPS has no fp8 and no float64: the pipeline widens fp8 inputs to fp16 (exact) and rounds float64 inputs to
+    fp32 on the host there, and brings such outputs back as fp32 to cast them on the host; the merge gives the bytes
+    of the chunked path (forced here on the CPU with the pipeline's ``host_casts``)."""
     g = torch.Generator().manual_seed(6)
     paths = []
-    for i, dt in enumerate([torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fn]):
+    kinds = [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fn] if kind == "fp8" else [torch.float64] * 3
+    for i, dt in enumerate(kinds):
         ts = {k: (torch.randn(shape, generator=g) * 2).to(dt) for k, shape in KEYS.items() if k != "e.position_ids"}
         p = tmp_path / f"f{i}.safetensors"
         save_file(ts, str(p))
         paths.append(str(p))
     want, _ = merge_to_state_dict(_plan(paths, method=method, params=params, dtype=dtype))
-    assert {t.dtype for t in want.values()} == ({torch.float16} if dtype == "fp16" else {torch.float8_e4m3fn})
+    assert {t.dtype for t in want.values()} == ({torch.float16} if dtype == "fp16" else {kinds[0]})
     monkeypatch.setattr(runner, "_chunked", lambda device: False)
     real_init, real_upload = pipeline_mod.DevicePipeline.__init__, pipeline_mod.DevicePipeline.upload
     sent = []
 
     def init(self, *a, **kw):
         real_init(self, *a, **kw)
-        self.widen_fp8 = True
+        self.host_casts = True
         self.staging = [torch.empty(2 * b.numel(), dtype=torch.uint8) for b in self.staging]
         self.dev_in = [torch.empty(2 * b.numel(), dtype=torch.uint8) for b in self.dev_in]
 
@@ -126,7 +128,7 @@ def test_fp8_inputs_widened_on_the_host_for_a_backend_without_fp8(tmp_path, meth
     monkeypatch.setattr(pipeline_mod.DevicePipeline, "upload", upload)
     monkeypatch.setattr(pipeline_mod.DevicePipeline, "finish", finish)
     got, _ = merge_to_state_dict(_plan(paths, method=method, params=params, dtype=dtype))
-    assert sent and set(sent) == {torch.float16}
+    assert sent and set(sent) == {torch.float16 if kind == "fp8" else torch.float32}
     assert came_back and set(came_back) == ({torch.float16} if dtype == "fp16" else {torch.float32})
     assert _equal(want, got)
 

@@ -49,10 +49,12 @@ class DevicePipeline:
         self.cuda = device.type == "cuda"
         self.mps = device.type == "mps"
         pin = self.cuda
-        # MPS has no fp8 dtypes: fp8 inputs are widened to fp16 on the host (exactly: every e4m3fn and e5m2 value
-        # is an fp16 value) before they go over, so the staging buffers hold twice their bytes there
-        self.widen_fp8 = self.mps
-        in_bytes = max(16, int(in_bytes)) * (2 if self.widen_fp8 else 1)
+        # MPS has no fp8 and no float64 dtypes: there fp8 inputs are widened to fp16 on the host (exactly: every
+        # e4m3fn and e5m2 value is an fp16 value; the staging buffers hold twice their bytes) and float64 inputs
+        # rounded to fp32 (as the merge itself does first) before they go over, and such outputs come back in fp32
+        # and are cast on the host
+        self.host_casts = self.mps
+        in_bytes = max(16, int(in_bytes)) * (2 if self.host_casts else 1)
         out_bytes = max(16, int(out_bytes))
         self.staging = [torch.empty(in_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self.dev_in = [torch.empty(in_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
@@ -84,8 +86,8 @@ class DevicePipeline:
         torch = self.torch
         slot = self.in_slot
         self.in_slot ^= 1
-        if self.widen_fp8 and flat.dtype.is_floating_point and flat.element_size() == 1:
-            flat = flat.to(torch.float16)
+        if self.host_casts and flat.dtype.is_floating_point and flat.element_size() in (1, 8):
+            flat = flat.to(torch.float16 if flat.element_size() == 1 else torch.float32)
         nbytes = flat.numel() * flat.element_size()
         if self.cuda and self._used_in[slot]:
             self.staged[slot].synchronize()  # the last upload out of this staging buffer is done
@@ -138,8 +140,8 @@ class DevicePipeline:
                 values = torch.nan_to_num(values, nan=0.0, posinf=limit, neginf=-limit).clamp_(-limit, limit)
         else:
             counts.zero_()
-        cast_on_host = self.widen_fp8 and out_dt.is_floating_point and out_dt.itemsize == 1
-        if cast_on_host:  # no fp8 on the device: fp32 comes back (the buffers hold it) and is cast on the host
+        cast_on_host = self.host_casts and out_dt.is_floating_point and out_dt.itemsize in (1, 8)
+        if cast_on_host:  # no fp8 or float64 on the device: fp32 comes back (the buffers hold it), cast on the host
             out_dt, nbytes = torch.float32, n * 4
         dev = self.dev_out[slot][:nbytes].view(out_dt)
         dev.copy_(values.reshape(-1)[:n])

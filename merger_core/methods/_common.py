@@ -176,7 +176,8 @@ def empty_f32(n: int):
     return torch.from_numpy(np.empty(n, dtype=np.float32))
 
 
-DEVICE_SLICE_MIN = 1 << 22  # elements (16 MiB in fp32): on a device, a key up to this size is one slice
+DEVICE_SLICE_MIN = 1 << 18  # elements (1 MiB in fp32): on a device, a key up to this size is one slice, and no slice
+# is smaller (its kernels stay long enough); small against the largest key, so N + 7 such slices stay below it
 DEVICE_CACHE_MAX = 1 << 22  # a key whose inputs hold up to this many elements in all is uploaded once, whole
 
 
@@ -208,7 +209,9 @@ def on_device(tensors, ctx) -> bool:
 
 def has_fp64(device) -> bool:
     """Whether ``device`` computes in float64 (MPS does not)."""
-    return getattr(device, "type", str(device)) != "mps"
+    import torch
+
+    return torch.device(device).type != "mps"
 
 
 def result_on(device, n: int, out=None):

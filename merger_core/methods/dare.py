@@ -128,24 +128,32 @@ def dare_merge(tensors, weights, drop: float, scale: float, key_seed: int, sourc
 def _dare_merge_device(load, n: int, weights, drop: float, scale: float, key_seed: int, sources, offset: int, device,
                        out=None):
     """The same merge on a device (GPU, MPS), from slices that ``load(j, s, e)`` brings there (fp32, read only), in
-    slices of :func:`_common.device_slice` (N + 4 fp32 slices at once). The draws are made on the CPU, as
-    everywhere (the same masks on every device), and uploaded slice by slice."""
+    slices of :func:`_common.device_slice` (about 6 fp32 slices at once, whatever N). The draws are made on the
+    CPU, as everywhere (the same masks on every device), and their boolean masks uploaded slice by slice."""
     import torch
 
     out = result_on(device, n, out)
     ws = [float(w) for w in weights[1:]]
-    for s, e in slices(n, device_slice(n, len(ws) + 4)):
+    for s, e in slices(n, device_slice(n, 6)):  # b, acc, d, its mask and temporaries: about 6 slices, whatever N
         b = load(0, s, e)
         acc = torch.zeros_like(b)
         for j, (src, w) in enumerate(zip(sources[1:], ws)):
             d = torch.sub(load(j + 1, s, e), b)
             if drop > 0:
-                d.masked_fill_(uniforms(key_seed, src, offset + s, e - s).to(device) < drop, 0.0)
+                d.masked_fill_(_dropped_on(device, uniforms(key_seed, src, offset + s, e - s) < drop), 0.0)
             acc.add_(d, alpha=w)
         if drop > 0:
             acc.div_(1.0 - drop)
         torch.add(b, acc, alpha=scale, out=out[s:e])
     return out
+
+
+def _dropped_on(device, mask):
+    """The host's boolean drop mask on ``device``: on CUDA through pinned memory without waiting (a copy from
+    pageable memory would make the host wait for the device's queued work); one byte per element."""
+    if getattr(device, "type", None) == "cuda":
+        return mask.pin_memory().to(device, non_blocking=True)  # torch keeps the pinned block until the copy is done
+    return mask.to(device)
 
 
 class Dare(MergeMethod):
@@ -163,7 +171,7 @@ class Dare(MergeMethod):
     takes_base = True  # input 0 is the base (a manifest's "base" goes there)
     memory_note = (
         "element-wise: the fp32 result of a 4 MiB engine chunk, its random draws (4 MiB per model, kept per thread),"
-        " 256 KiB slices (CPU); on a GPU the fp32 result of the key and N+4 slices of about a key in all, flat in N"
+        " 256 KiB slices (CPU); on a GPU the fp32 result of the key and about 6 slices of a sixth of it, flat in N"
     )
 
     def merge_tensor(self, tensors, weights, params, ctx):

@@ -308,7 +308,7 @@ def _ties_merge_device(load, n: int, ws, density: float, scale: float, device, o
 
     Pass 1, per model: ``|M_i - base|`` of the whole key in one fp32 buffer, and its exact threshold by
     ``kthvalue`` (a 0-dim tensor that stays on the device: no wait for the host). Pass 2 in slices of
-    :func:`_common.device_slice` (N + 5 fp32 slices at once, about one key): trim (``|d| < t`` set to 0, which is
+    :func:`_common.device_slice` (N + 8 fp32 slices at once at most, about one key): trim (``|d| < t`` set to 0, which is
     ``hardshrink`` at the float below ``t``; NaN is kept, as there), elect, average, in the order of the CPU path.
     Device memory: the result and one fp32 key, whatever N."""
     import torch
@@ -316,7 +316,7 @@ def _ties_merge_device(load, n: int, ws, density: float, scale: float, device, o
     N = len(ws)
     count = min(n, math.ceil(density * n - 1e-9))
     out = result_on(device, n, out)
-    size = device_slice(n, N + 5)
+    size = device_slice(n, N + 8)  # pass 2 holds the N trimmed differences and up to 8 more slices
     thresholds = [None] * N
     if 0 < count < n:
         for i in range(N):
@@ -369,7 +369,7 @@ class Ties(MergeMethod):
     memory_note = (
         "the fp32 result of the key, the values near each threshold (about 2% of the key for each of up to 8"
         " models at a time), and N+5 slices of 256 KiB per thread; independent of the number of models (CPU). On a"
-        " GPU: the fp32 result and one fp32 key (|M_i - base| for a threshold, then N+5 slices), flat in N."
+        " GPU: the fp32 result and one fp32 key (|M_i - base| for a threshold, then N+8 slices), flat in N."
     )
 
     def merge_tensor(self, tensors, weights, params, ctx):

@@ -82,10 +82,10 @@ class TrainDifference(MergeMethod):
             return tensors[0]
         a, b, c = (t.reshape(-1) for t in tensors)
         alpha = float(params["alpha"])
-        if on_device(tensors, ctx):  # on a GPU: slices brought over by the engine (3 inputs and ~5 temporaries)
+        if on_device(tensors, ctx):  # on a GPU: slices brought over by the engine
             load = device_loader(tensors, ctx)
             out = result_on(device, n, ctx.out)
-            for s, e in slices(n, device_slice(n, 8)):
+            for s, e in slices(n, device_slice(n, 11)):  # 3 inputs and up to 8 temporaries
                 out[s:e] = train_difference(load(0, s, e), load(1, s, e), load(2, s, e), alpha)
             return out
         out = ctx.out.reshape(-1)[:n] if ctx.out is not None else torch.empty(n, dtype=torch.float32)
