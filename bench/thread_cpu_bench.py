@@ -1,6 +1,7 @@
 """Benchmark: where a merge's CPU time goes, thread by thread, inside one process.
 
-    python bench/thread_cpu_bench.py [--method weighted_sum|ties] [--n 4] [--threads 1 2] [--repeat 2]
+    python bench/thread_cpu_bench.py [--method weighted_sum|ties|dare|train_difference|slerp] [--n N]
+                                     [--threads 1 2] [--repeat 2]
                                      [--out-dir /dev/shm]
 
 Runs ``merge_to_file`` on the SD1.5 inputs of ``merge_bench.py`` (generated when missing; read once first, so they
@@ -24,6 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
+PARAMS = {"weighted_sum": {}, "ties": {"density": 0.2}, "dare": {"drop": 0.5}, "train_difference": {"alpha": 1.0},
+          "slerp": {"t": 0.5}}
 
 
 class ThreadSampler:
@@ -81,15 +84,15 @@ class ThreadSampler:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--method", default="weighted_sum", choices=["weighted_sum", "ties"])
-    ap.add_argument("--n", type=int, default=None, help="inputs (default 4; TIES: base + 2)")
+    ap.add_argument("--method", default="weighted_sum", choices=sorted(PARAMS))
+    ap.add_argument("--n", type=int, default=None, help="inputs (default 4; TIES, DARE, train difference 3; SLERP 2)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--data-dir", default=common.DEFAULT_DATA_DIR)
     ap.add_argument("--out-dir", default="/dev/shm")
     ap.add_argument("--no-lock", action="store_true")
     args = ap.parse_args(argv)
-    n = args.n or (3 if args.method == "ties" else 4)
+    n = args.n or {"weighted_sum": 4, "slerp": 2}.get(args.method, 3)
 
     from merger_core.merge import MergeInput, MergePlan, merge_to_file
     from merger_core.methods import get_method
@@ -114,13 +117,14 @@ def main(argv=None) -> int:
     with (common.BenchLock() if not args.no_lock else _Nothing()):
         paths = common.ensure_inputs("sd15", n, args.data_dir)
         common.read_all(paths)
-        params = {"density": 0.2} if args.method == "ties" else {}
+        params = PARAMS[args.method]
         out = os.path.join(args.out_dir, "thread_cpu_bench.safetensors")
         print(common.machine_description())
         for k in args.threads:
             for r in range(args.repeat):
                 spent.clear()
-                plan = MergePlan([MergeInput(p, 1.0) for p in paths], method=args.method, params=params, threads=k)
+                plan = MergePlan([MergeInput(p, 1.0) for p in paths], method=args.method, params=params, threads=k,
+                                 seed=1)
                 common.wait_for_quiet()
                 t0, c0 = time.perf_counter(), os.times()
                 with ThreadSampler() as sampler:
