@@ -111,6 +111,25 @@ def test_bake_with_a_tensor_method_and_workers_gives_the_same_bytes(tmp_path):
     assert not torch.equal(outs[0][SD1_TO_K], plain[SD1_TO_K]) and torch.equal(outs[0][SD1_TO_Q], plain[SD1_TO_Q])
 
 
+@pytest.mark.parametrize("method,params", [("slerp", {"t": 0.4}), ("ties", {"density": 0.5}), ("dare", {"drop": 0.3})])
+def test_bake_with_a_tensor_method_on_the_device_path_gives_the_cpu_paths_bytes(tmp_path, method, params, monkeypatch):
+    """The device path (forced here on the CPU: the methods load their slices through the pipeline) adds the baked
+    LoRA deltas to the merged key as the chunked path does."""
+    from merger_core.merge import runner
+
+    (a, _), (b, _) = sd1_models(tmp_path)
+    sd1_lora(tmp_path / "l.safetensors")
+    plan = lambda: helpers.plan_for([a, b], method=method, params=params, seed=3,  # noqa: E731
+                                    loras=[LoraInput(str(tmp_path / "l.safetensors"), 0.8, 1.0)])
+    chunked, _ = merge_to_state_dict(plan())
+    monkeypatch.setattr(runner, "_chunked", lambda device: False)
+    device, _ = merge_to_state_dict(plan())
+    assert chunked.keys() == device.keys()
+    assert all(torch.equal(chunked[k], device[k]) for k in chunked)
+    plain, _ = merge_to_state_dict(helpers.plan_for([a, b], method=method, params=params, seed=3))
+    assert not torch.equal(device[SD1_TO_K], plain[SD1_TO_K])  # the LoRA is in there
+
+
 def test_unmatched_lora_modules_are_named_in_the_notes(tmp_path):
     (a, _), (b, _) = sd1_models(tmp_path)
     sd1_lora(tmp_path / "l.safetensors", unmatched=True)

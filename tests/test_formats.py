@@ -165,6 +165,23 @@ def assert_close_to(got, ref, st_dtype, terms):
     assert bool((err <= tol).all()), float((err - tol).max())
 
 
+@pytest.mark.parametrize("method,params", [("weighted_sum", {}), ("ties", {"density": 0.5}), ("slerp", {"t": 0.3})])
+def test_scaled_fp8_inputs_on_the_device_path_give_the_cpu_paths_bytes(tmp_path, method, params, monkeypatch):
+    """Scaled fp8 inputs (codes times a per-layer scale) through the device path (forced on the CPU), where the
+    tensor methods load slices dequantized on the device, match the chunked path byte for byte."""
+    from merger_core.merge import runner
+
+    a, _ = write_scaled_fp8(tmp_path / "a.safetensors", seed=3)
+    b, _ = write_scaled_fp8(tmp_path / "b.safetensors", seed=4)
+    plan = lambda: helpers.plan_for([a, b], method=method, params=params, dtype="fp16", seed=2)  # noqa: E731
+    chunked, _ = merge_to_state_dict(plan())
+    monkeypatch.setattr(runner, "_chunked", lambda device: False)
+    device, _ = merge_to_state_dict(plan())
+    assert chunked.keys() == device.keys()
+    raw = lambda t: t.reshape(-1).view(torch.uint8) if t.element_size() == 1 else t  # noqa: E731
+    assert [k for k in chunked if not torch.equal(raw(chunked[k]), raw(device[k]))] == []
+
+
 def test_scaled_fp8_is_detected(tmp_path):
     path, _ = write_scaled_fp8(tmp_path / "scaled.safetensors")
     det = detect(path)
