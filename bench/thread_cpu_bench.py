@@ -15,6 +15,7 @@ copy into the output file, ``-readahead`` the read-ahead). Also the time inside 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import collections
 import os
 import sys
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
 
         type(method).merge_tensor = timed
 
-    with (common.BenchLock() if not args.no_lock else _Nothing()):
+    with (common.BenchLock() if not args.no_lock else contextlib.nullcontext()):
         paths = common.ensure_inputs("sd15", n, args.data_dir)
         common.read_all(paths)
         params = PARAMS[args.method]
@@ -140,14 +141,6 @@ def main(argv=None) -> int:
                     print(common.format_table([{"merge_tensor": b, "keys": c, "s": f"{t:.2f}"} for b, (c, t) in sorted(spent.items())],
                                               ["merge_tensor", "keys", "s"]))
     return 0
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

@@ -116,6 +116,7 @@ class _Runner:
         self._local = threading.local()
         self._lock = threading.Lock()
         self.pipe = None  # the device pipeline (merge/pipeline.py) off the CPU
+        self._result = None  # CPU tensor methods' result buffer, kept between keys (result_buffer)
         if self.on_cpu:
             self.acc = torch.empty(C, dtype=torch.float32)
             self.tmp = torch.empty(C, dtype=torch.float32)
@@ -457,26 +458,22 @@ class _Runner:
 
             self.emit_cpu(job, produce)
             return
-        if self.on_cpu:
-            # the result goes into one fp32 buffer kept between keys (emit_cpu below is done with it before the next
-            # key): no fresh allocation and page faults per key
-            ctx = dataclasses.replace(ctx, out=self.result_buffer(job.numel))
         if not self.on_cpu and getattr(method, "streams_on_device", False):
             # the inputs stay on the host; the method loads slices through the pipeline's staging buffers, so no input
             # is whole on the device (device memory flat in N); the result goes into the accumulator
             ctx = dataclasses.replace(ctx, load=self.device_loader(job, flats), device=self.device, out=self.acc)
-            result = method.merge_tensor(flats, weights, params, ctx).reshape(-1)
-            if self.delta is not None:
-                result = result if result.dtype == torch.float32 else result.to(torch.float32)
-                self.delta.add_to(result, 0)
-            return self.emit_device(job, result)
-        if self.on_cpu and method.native_inputs:
-            # file-dtype views; the method widens slices itself (a scaled fp8 input is dequantized here, in fp32)
-            ts = [(f if i not in self.scales else self.widen(i, f)).reshape(job.shape) for i, f in zip(job.sources, flats)]
+            ts = flats
         elif self.on_cpu:
-            ts = [self.widen(i, f).reshape(job.shape) for i, f in zip(job.sources, flats)]
+            # the result goes into one fp32 buffer kept between keys (emit_cpu below is done with it before the next
+            # key): no fresh allocation and page faults per key
+            ctx = dataclasses.replace(ctx, out=self.result_buffer(job.numel))
+            if method.native_inputs:
+                # file-dtype views; the method widens slices itself (a scaled fp8 input is dequantized here, in fp32)
+                ts = [(f if i not in self.scales else self.widen(i, f)).reshape(job.shape) for i, f in zip(job.sources, flats)]
+            else:
+                ts = [self.widen(i, f).reshape(job.shape) for i, f in zip(job.sources, flats)]
         else:
-            ts = [self.widen(i, self.to_device(f)).reshape(job.shape) for i, f in zip(job.sources, flats)]
+            ts = [self.widen_on_device(i, f).reshape(job.shape) for i, f in zip(job.sources, flats)]
         result = method.merge_tensor(ts, weights, params, ctx).reshape(-1)
         del ts
         if self.delta is not None:
@@ -494,11 +491,10 @@ class _Runner:
     def result_buffer(self, n: int):
         """A contiguous fp32 CPU buffer of at least ``n`` elements, kept between keys (grown to the largest key)."""
         torch = self.torch
-        buf = getattr(self, "_result", None)
-        if buf is None or buf.numel() < n:
-            self._result = buf = None  # the old one goes before the bigger one is made
-            self._result = buf = torch.empty(n, dtype=torch.float32)
-        return buf
+        if self._result is None or self._result.numel() < n:
+            self._result = None  # the old one goes before the bigger one is made
+            self._result = torch.empty(n, dtype=torch.float32)
+        return self._result
 
     # -- values that do not fit ---------------------------------------------------------------------------
     def limit(self, st_dtype: str) -> float:
@@ -649,14 +645,6 @@ class _Runner:
         self.pipe.release(slot)
         scale = self.scales.get(i)
         return x if scale is None else x.mul_(scale)
-
-    def to_device(self, flat):
-        """A device tensor of its own holding the CPU view ``flat`` (a tensor method keeps every input of a key), copied
-        through the pipeline's staging buffers."""
-        dev, slot = self.pipe.upload(flat)
-        out = dev.clone()
-        self.pipe.release(slot)
-        return out
 
     def emit_device(self, job: KeyJob, values) -> None:
         """Queue the fp32 device values of ``job`` for their cast, range check and download; their bytes reach the

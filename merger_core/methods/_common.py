@@ -192,19 +192,17 @@ def device_slice(n: int, buffers: int) -> int:
     return -(-size // SLICE) * SLICE
 
 
-def device_loader(tensors, ctx):
-    """``load(j, s, e)``: elements ``s..e`` of input ``j`` as an fp32 tensor on the merge device, which the caller
-    only reads. The engine's own (``ctx.load``: the inputs stay on the host and come over slice by slice) when it
-    gives one, else slices of ``tensors`` (already on the device) widened."""
-    if ctx is not None and getattr(ctx, "load", None) is not None:
-        return ctx.load
+def device_work(tensors, ctx):
+    """``(load, device)`` for a method's device path, or None for its CPU path. ``load(j, s, e)`` gives elements
+    ``s..e`` of input ``j`` as an fp32 tensor on ``device``, which the caller only reads: the engine's own
+    (``ctx.load``: the inputs stay on the host and come over slice by slice) when it gives one, else slices of
+    ``tensors`` when they are on a device already (a direct call), widened."""
+    if ctx is not None and ctx.load is not None:
+        return ctx.load, ctx.device
+    if tensors[0].device.type == "cpu":
+        return None
     flats = [flat(t) for t in tensors]
-    return lambda j, s, e: f32(flats[j][s:e])
-
-
-def on_device(tensors, ctx) -> bool:
-    """Whether a method runs its device path: the engine passes a loader, or the tensors are on a device."""
-    return (ctx is not None and getattr(ctx, "load", None) is not None) or tensors[0].device.type != "cpu"
+    return (lambda j, s, e: f32(flats[j][s:e])), tensors[0].device
 
 
 def has_fp64(device) -> bool:

@@ -21,7 +21,7 @@ import math
 
 from .registry import MergeMethod, Param, register
 from ._common import (
-    _TLS, device_loader, device_slice, empty_f32, on_device, result_on, run_slices, scratch, slices, widen_into,
+    _TLS, device_slice, device_work, empty_f32, result_on, run_slices, scratch, slices, widen_into,
     work_size,
 )
 
@@ -81,10 +81,9 @@ def dare_merge(tensors, weights, drop: float, scale: float, key_seed: int, sourc
 
     base = tensors[0].reshape(-1)
     n = base.numel()
-    if on_device(tensors, ctx):
-        device = ctx.device if ctx is not None and ctx.load is not None else base.device
-        return _dare_merge_device(device_loader(tensors, ctx), n, weights, drop, scale, key_seed, sources, offset,
-                                  device, out)
+    dev = device_work(tensors, ctx)
+    if dev is not None:
+        return _dare_merge_device(dev[0], n, weights, drop, scale, key_seed, sources, offset, dev[1], out)
     models = [m.reshape(-1) for m in tensors[1:]]
     out = empty_f32(n) if out is None else out.reshape(-1)[:n]
     if drop > 0:

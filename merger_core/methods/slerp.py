@@ -16,7 +16,7 @@ import math
 
 from .registry import MergeMethod, Param, register
 from ._common import (
-    SLICE, device_loader, device_slice, empty_f32, flat, has_fp64, on_device, result_on, run_slices, scratch, slices, widen_into,
+    SLICE, device_slice, device_work, empty_f32, flat, has_fp64, result_on, run_slices, scratch, slices, widen_into,
     work_size,
 )
 
@@ -41,9 +41,9 @@ def slerp_merge(a, b, t: float, out=None, ctx=None):
 
     a, b = flat(a), flat(b)
     n = a.numel()
-    if on_device([a, b], ctx):
-        device = ctx.device if ctx is not None and ctx.load is not None else a.device
-        return _slerp_merge_device(device_loader([a, b], ctx), n, t, device, out)
+    dev = device_work([a, b], ctx)
+    if dev is not None:
+        return _slerp_merge_device(dev[0], n, t, dev[1], out)
     # pass 1: the three dot products in fp64, one per SLICE and summed slice by slice in order, as always (the
     # slices may run on several threads: each one's dots do not depend on where it runs)
     def dots(s, e):

@@ -42,14 +42,13 @@ from ._common import (
     _TLS,
     BandScan,
     brackets,
-    device_loader,
+    device_work,
     device_slice,
     empty_f32,
     f32,
     flat,
     kth_smallest_np,
     kthvalue,
-    on_device,
     operand,
     result_on,
     run_each,
@@ -75,9 +74,9 @@ def ties_merge(tensors, weights, density: float, scale: float, out=None, ctx=Non
     base = flat(tensors[0])
     ws = [float(w) for w in weights[1:]]
     n = base.numel()
-    if on_device(tensors, ctx):
-        device = ctx.device if ctx is not None and ctx.load is not None else base.device
-        return _ties_merge_device(device_loader(tensors, ctx), n, ws, density, scale, device, out)
+    dev = device_work(tensors, ctx)
+    if dev is not None:
+        return _ties_merge_device(dev[0], n, ws, density, scale, dev[1], out)
     models = [flat(t) for t in tensors[1:]]
     if out is not None:
         out = out.reshape(-1)[:n]

@@ -14,7 +14,7 @@ floor would be 0: there the selects are kept.)
 """
 
 from .registry import MergeMethod, Param, register
-from ._common import SLICE, device_loader, device_slice, f32, on_device, result_on, run_slices, scratch, slices, work_size
+from ._common import SLICE, device_slice, device_work, f32, result_on, run_slices, scratch, slices, work_size
 
 SCALE = 1.8
 
@@ -74,16 +74,16 @@ class TrainDifference(MergeMethod):
         import torch
 
         n = tensors[0].numel()
-        device = ctx.device if ctx.load is not None else tensors[0].device
+        dev = device_work(tensors, ctx)
         if len(tensors) != 3 or list(ctx.sources) != [0, 1, 2]:
             # a key that not all of A, B, C have: kept from the first that has it
             if ctx.load is not None:
-                return result_on(device, n, ctx.out).copy_(ctx.load(0, 0, n))
+                return result_on(ctx.device, n, ctx.out).copy_(ctx.load(0, 0, n))
             return tensors[0]
         a, b, c = (t.reshape(-1) for t in tensors)
         alpha = float(params["alpha"])
-        if on_device(tensors, ctx):  # on a GPU: slices brought over by the engine
-            load = device_loader(tensors, ctx)
+        if dev is not None:  # on a GPU: slices brought over by the engine
+            load, device = dev
             out = result_on(device, n, ctx.out)
             for s, e in slices(n, device_slice(n, 11)):  # 3 inputs and up to 8 temporaries
                 out[s:e] = train_difference(load(0, s, e), load(1, s, e), load(2, s, e), alpha)
