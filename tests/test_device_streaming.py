@@ -138,3 +138,54 @@ def test_slerp_takes_its_dot_products_on_the_cpu_where_the_device_has_no_float64
     monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **kw: moved.append(self.numel()) or real_cpu(self, *a, **kw))
     got = _run("slerp", {"t": 0.3}, ts, Loader(ts))
     assert sum(moved) >= 2 * N_ELEMENTS and torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def _same(a, b):
+    return bool(torch.isnan(a)) and bool(torch.isnan(b)) or torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("nans", [0, 3, 40])
+def test_kth_smallest_on_a_device_is_kthvalue_for_every_rank(nans):
+    """The device threshold: ``torch.kthvalue``'s element for ranks on both sides of the middle, with duplicates,
+    zeros, infinities and NaN (which ranks above every number, and is the answer once the rank reaches it)."""
+    g = torch.Generator().manual_seed(nans)
+    a = (torch.randn(101, generator=g) * 4).round().abs()  # many duplicates and zeros
+    a[:5] = float("inf")
+    a[5:5 + nans] = float("nan")
+    a = a[torch.randperm(101, generator=g)]
+    for k in range(1, 102):
+        assert _same(_common.kth_smallest(a, k), torch.kthvalue(a, k).values), k
+
+
+def test_ties_on_a_device_takes_no_kthvalue(monkeypatch):
+    """CUDA runs ``kthvalue`` on a 1-D tensor in one thread block (the whole key through one multiprocessor, 16
+    passes): the device path selects its thresholds with ``topk`` instead, which CUDA spreads over many blocks, and
+    keeps the CPU path's bytes, NaN and infinities included."""
+    ts = family(3, torch.float16)
+    ts[1][5] = float("nan")
+    ts[2][7] = float("inf")
+    ts[3][::7] = float("nan")  # a seventh of the key: the threshold itself is NaN, nothing is trimmed
+    cpu = _run("ties", {"density": 0.2, "scale": 0.9}, ts)
+
+    def no_kthvalue(*a, **kw):
+        raise AssertionError("kthvalue on the device path")
+
+    monkeypatch.setattr(torch, "kthvalue", no_kthvalue)
+    dev = _run("ties", {"density": 0.2, "scale": 0.9}, ts, Loader(ts))
+    assert torch.equal(cpu.view(torch.int32), dev.view(torch.int32))
+
+
+def test_ties_on_a_device_finds_thresholds_in_the_result_buffer(monkeypatch):
+    """With the engine's result buffer (``ctx.out``), the threshold pass writes each ``|M_i - base|`` there (the
+    merge overwrites it afterwards): no key-sized buffer of its own."""
+    ts = family(3, torch.float16)
+    want = _run("ties", {"density": 0.2, "scale": 0.9}, ts, Loader(ts))
+    sizes = []
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: sizes.append(a) or real_empty(*a, **kw))
+    method = get_method("ties")
+    out = real_empty(N_ELEMENTS + 10)
+    ctx = KeyContext("k", 1234, (), [0, 1, 2, 3], load=Loader(ts), device=torch.device("cpu"), out=out)
+    got = method.merge_tensor(ts, [1.0, 0.7, -0.3, 1.2], method.check_params({"density": 0.2, "scale": 0.9}), ctx)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(got.reshape(-1).view(torch.int32), want.view(torch.int32))
+    assert not [a for a in sizes if a and a[0] == N_ELEMENTS], sizes

@@ -247,14 +247,26 @@ def flat(t):
     return t.reshape(-1)
 
 
-def kthvalue(a, k: int):
-    """``torch.kthvalue(a, k).values`` (1-D ``a``, 1-based ``k``) on any device: MPS has no kthvalue, so there the
-    selection runs on the CPU (exact either way) and the 0-dim result goes back to the device."""
+def kth_smallest(a, k: int):
+    """The ``k``-th smallest (1-based) element of the 1-D tensor ``a`` as a 0-dim tensor on its device, NaN ranking
+    above every number: the element ``torch.kthvalue(a, k)`` gives, with no wait for the host.
+
+    On CUDA ``kthvalue`` runs one thread block per row, so a key's whole ``|d|`` would go through one multiprocessor
+    (16 passes of 2-bit radix select); ``topk`` of a long row is a multi-block radix select. So this is ``topk`` of the
+    smaller side: the ``k`` smallest (their largest is the answer; a NaN among them means it is NaN), or the
+    ``n - k + 1`` largest (their smallest number, NaN when they are all NaN). Memory: that many values and their
+    int64 indices, at most half the row's elements. MPS, which lacks the selection ops, selects on the CPU."""
     import torch
 
     if a.device.type == "mps":
         return torch.kthvalue(a.cpu(), k).values.to(a.device)
-    return torch.kthvalue(a, k).values
+    r = a.numel() - k + 1  # the same element is the r-th largest
+    if k <= r:
+        return torch.topk(a, k, largest=False, sorted=False).values.max()
+    top = torch.topk(a, r, largest=True, sorted=False).values
+    nan = top.isnan()
+    all_nan = nan.all()
+    return torch.where(all_nan, float("nan"), top.masked_fill_(nan, float("inf")).min())
 
 
 def kth_smallest_np(a, k: int):

@@ -32,7 +32,8 @@ tails) as it always has, and the result is the same bit for bit whatever the sli
    one op with the same result (up to the sign of a zero that nothing reads: a zero vote or denominator).
 
 On a device (GPU, MPS) the two passes run with torch operations on slices the engine brings over one at a time
-(``_ties_merge_device``): device memory about two fp32 keys, whatever the number of models.
+(``_ties_merge_device``, thresholds by ``topk``): device memory about two fp32 keys at the default density,
+whatever the number of models.
 """
 
 import math
@@ -47,8 +48,8 @@ from ._common import (
     empty_f32,
     f32,
     flat,
+    kth_smallest,
     kth_smallest_np,
-    kthvalue,
     operand,
     result_on,
     run_each,
@@ -305,11 +306,13 @@ def _absdiff_into(x, m, b):
 def _ties_merge_device(load, n: int, ws, density: float, scale: float, device, out=None):
     """The same merge on a device (GPU, MPS), from slices that ``load(j, s, e)`` brings there (fp32, read only).
 
-    Pass 1, per model: ``|M_i - base|`` of the whole key in one fp32 buffer, and its exact threshold by
-    ``kthvalue`` (a 0-dim tensor that stays on the device: no wait for the host). Pass 2 in slices of
-    :func:`_common.device_slice` (N + 8 fp32 slices at once at most, about one key): trim (``|d| < t`` set to 0, which is
-    ``hardshrink`` at the float below ``t``; NaN is kept, as there), elect, average, in the order of the CPU path.
-    Device memory: the result and one fp32 key, whatever N."""
+    Pass 1, per model: ``|M_i - base|`` of the whole key in the result buffer (free until pass 2), and its exact
+    threshold by :func:`_common.kth_smallest` (``topk`` of the smaller side: a 0-dim tensor that stays on the device,
+    no wait for the host). Pass 2 in slices of :func:`_common.device_slice` (N + 8 fp32 slices at once at most,
+    about one key): trim (``|d| < t`` set to 0, which is ``hardshrink`` at the float below ``t``; NaN is kept, as
+    there), elect, average, in the order of the CPU path, into the result buffer. Device memory: the result, the
+    selection's values and indices (``min(density, 1 - density)`` of the key, 12 bytes each), and one fp32 key of
+    slices, whatever N."""
     import torch
 
     N = len(ws)
@@ -319,11 +322,9 @@ def _ties_merge_device(load, n: int, ws, density: float, scale: float, device, o
     thresholds = [None] * N
     if 0 < count < n:
         for i in range(N):
-            absd = torch.empty(n, dtype=torch.float32, device=device)
             for s, e in slices(n, size):
-                torch.sub(load(i + 1, s, e), load(0, s, e), out=absd[s:e]).abs_()
-            thresholds[i] = kthvalue(absd, n - count + 1)
-            del absd
+                torch.sub(load(i + 1, s, e), load(0, s, e), out=out[s:e]).abs_()
+            thresholds[i] = kth_smallest(out, n - count + 1)
     signed = any(w <= 0 for w in ws)
     min_w = min(ws) if ws else 1.0
     for s, e in slices(n, size):
@@ -368,7 +369,8 @@ class Ties(MergeMethod):
     memory_note = (
         "the fp32 result of the key, the values near each threshold (about 2% of the key for each of up to 8"
         " models at a time), and N+5 slices of 256 KiB per thread; independent of the number of models (CPU). On a"
-        " GPU: the fp32 result and one fp32 key (|M_i - base| for a threshold, then N+8 slices), flat in N."
+        " GPU: the fp32 result (which holds |M_i - base| while a threshold is selected), the selection's values and"
+        " indices (12 bytes for min(density, 1 - density) of the key's elements) and one fp32 key of slices, flat in N."
     )
 
     def merge_tensor(self, tensors, weights, params, ctx):
