@@ -18,8 +18,8 @@ if ! "$PY" -c "import blake3, platformdirs, jsonschema" 2>/dev/null && ls .whl/*
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 { nvidia-smi -L; nproc; free -g; df -h /dev/shm; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } 2>&1 | tee "$OUT/machine.txt"
-"$PY" -m pytest tests/test_device_pipeline.py tests/test_device_path.py tests/test_engine.py -q -p no:cacheprovider \
-    -k "cuda or pipeline or device" 2>&1 | tee "$OUT/pytest.txt"
+"$PY" -m pytest tests/test_device_pipeline.py tests/test_device_path.py tests/test_engine.py tests/test_device_streaming.py \
+    tests/test_methods.py -q -p no:cacheprovider -k "cuda or pipeline or device" 2>&1 | tee "$OUT/pytest.txt"
 layouts=.devcarry/layouts
 [ -d "$layouts" ] || layouts=../shared/layouts
 "$PY" bench/gpu_check.py --data-dir /dev/shm/mm-gpu --layouts "$layouts" --budget "${BUDGET:-330}" 2>&1 | tee "$OUT/gpu_check.txt"

@@ -144,17 +144,25 @@ def _same(a, b):
     return bool(torch.isnan(a)) and bool(torch.isnan(b)) or torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
-@pytest.mark.parametrize("nans", [0, 3, 40])
-def test_kth_smallest_on_a_device_is_kthvalue_for_every_rank(nans):
-    """The device threshold: ``torch.kthvalue``'s element for ranks on both sides of the middle, with duplicates,
-    zeros, infinities and NaN (which ranks above every number, and is the answer once the rank reaches it)."""
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("n,nans", [(101, 0), (101, 3), (101, 40), (300_007, 1000)])
+def test_kth_smallest_on_a_device_is_kthvalue_for_every_rank(device, n, nans):
+    """The device threshold: ``torch.kthvalue``'s element (on the CPU) for ranks on both sides of the middle, with
+    duplicates, zeros, infinities and NaN (which ranks above every number, and is the answer once the rank reaches
+    it). On CUDA a long row takes ``topk``'s multi-block path."""
     g = torch.Generator().manual_seed(nans)
-    a = (torch.randn(101, generator=g) * 4).round().abs()  # many duplicates and zeros
+    a = (torch.randn(n, generator=g) * 4).round().abs()  # many duplicates and zeros
     a[:5] = float("inf")
     a[5:5 + nans] = float("nan")
-    a = a[torch.randperm(101, generator=g)]
-    for k in range(1, 102):
-        assert _same(_common.kth_smallest(a, k), torch.kthvalue(a, k).values), k
+    a = a[torch.randperm(n, generator=g)]
+    ranks = range(1, n + 1) if n < 1000 else [1, 2, n // 5, n // 2, n // 2 + 1, n - 1001, n - 1000, n - 999, n]
+    on = a.to(device)
+    for k in ranks:
+        got = _common.kth_smallest(on, k)
+        assert got.device.type == device and _same(got.cpu(), torch.kthvalue(a, k).values), k
 
 
 def test_ties_on_a_device_takes_no_kthvalue(monkeypatch):
