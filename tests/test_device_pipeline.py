@@ -297,3 +297,30 @@ def test_a_cuda_index_beyond_the_devices_is_a_clear_error(tmp_path):
     with pytest.raises(DeviceError, match=rf"cuda:{n + 1}.*available here: cpu"):
         merge_to_file(_plan(paths, device=f"cuda:{n + 1}"), tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_ties_on_the_device_sends_the_base_over_once_per_key(tmp_path, monkeypatch):
+    """TIES reads the base in its threshold pass (once per model) and in its merge: the base crosses the bus once per
+    key and stays on the device in its file dtype, so a key costs 2N + 1 transfers of its size, not 3N + 1; the
+    bytes stay the chunked path's."""
+    from merger_core.methods import _common
+
+    n, models = 300_000, 3
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(n, generator=g)
+    paths = []
+    for i in range(models + 1):
+        p = tmp_path / f"t{i}.safetensors"
+        save_file({"big.weight": (base + (0.01 * torch.randn(n, generator=g) if i else 0)).half().reshape(600, 500)}, str(p))
+        paths.append(str(p))
+    plan = lambda: _plan(paths, method="ties", params={"density": 0.3}, seed=2)  # noqa: E731
+    want = merge_to_file(plan(), tmp_path / "cpu.safetensors")
+    monkeypatch.setattr(runner, "_chunked", lambda device: False)
+    monkeypatch.setattr(_common, "DEVICE_SLICE_MIN", 1 << 14)
+    monkeypatch.setattr(_common, "DEVICE_CACHE_MAX", 1 << 14)  # no whole-key cache for this key
+    sent = []
+    real = pipeline_mod.DevicePipeline.upload
+    monkeypatch.setattr(pipeline_mod.DevicePipeline, "upload", lambda self, flat: sent.append(flat.numel()) or real(self, flat))
+    got = merge_to_file(plan(), tmp_path / "dev.safetensors")
+    assert got.tensor_sha256 == want.tensor_sha256
+    assert sum(sent) == (2 * models + 1) * n, (sum(sent) / n, len(sent))

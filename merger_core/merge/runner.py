@@ -622,12 +622,19 @@ class _Runner:
         """``load(j, s, e)`` for a streaming tensor method (``KeyContext.load``): elements ``s..e`` of the key's input
         ``j`` as a new fp32 device tensor, uploaded through the pipeline's staging buffers and widened there (a
         scaled fp8 input times its scale). A small key's inputs (``DEVICE_CACHE_MAX`` elements in all) are uploaded
-        once, whole, and sliced after, so a method's many small loads do not each pay a transfer."""
+        once, whole, and sliced after, so a method's many small loads do not each pay a transfer.
+
+        ``load.hold(j)``: a method that reads input ``j`` several times asks for it to cross once; its whole key then
+        stays on the device in the dtype it crossed in (no wider), and later loads widen slices of that copy, with the
+        same operations (so the same values) as a fresh upload."""
         from ..methods._common import DEVICE_CACHE_MAX
 
         cache = {} if job.numel * len(flats) <= DEVICE_CACHE_MAX else None
+        held = {}
 
         def load(j: int, s: int, e: int):
+            if j in held:
+                return self.widen_held(job.sources[j], held[j][s:e])
             if cache is None:
                 return self.widen_on_device(job.sources[j], flats[j][s:e])
             x = cache.get(j)
@@ -635,14 +642,26 @@ class _Runner:
                 x = cache[j] = self.widen_on_device(job.sources[j], flats[j])
             return x[s:e]
 
+        def hold(j: int) -> None:
+            if cache is None and j not in held:
+                dev, slot = self.pipe.upload(flats[j])
+                held[j] = dev.clone()
+                self.pipe.release(slot)
+
+        load.hold = hold
         return load
 
     def widen_on_device(self, i: int, flat):
         """Input ``i``'s host elements ``flat`` as a new fp32 device tensor (through the staging buffers)."""
-        torch = self.torch
         dev, slot = self.pipe.upload(flat)
-        x = dev.to(torch.float32, copy=True)
+        x = self.widen_held(i, dev)
         self.pipe.release(slot)
+        return x
+
+    def widen_held(self, i: int, dev):
+        """Input ``i``'s elements ``dev``, already on the device as they crossed the bus, as a new fp32 tensor (times
+        the input's scale, for a scaled fp8 input)."""
+        x = dev.to(self.torch.float32, copy=True)
         scale = self.scales.get(i)
         return x if scale is None else x.mul_(scale)
 

@@ -56,7 +56,9 @@ class KeyContext:
     out: Any = None
     # Off the CPU, for a method with ``streams_on_device``: ``load(j, s, e)`` gives elements s..e of input j as an
     # fp32 tensor on ``device`` (read only), and the tensors passed in are the inputs' host views (file dtype), only
-    # for their sizes. The method merges in slices it loads, so no input is ever whole on the device.
+    # for their sizes. The method merges in slices it loads, so no input is ever whole on the device. The engine's
+    # ``load`` also has ``load.hold(j)``: input j crosses the bus once, whole, in its file dtype, for a method that
+    # reads it several times (later loads widen slices of that copy; same values).
     load: Optional[Callable[[int, int, int], Any]] = None
     device: Any = None
 

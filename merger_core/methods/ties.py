@@ -306,19 +306,25 @@ def _absdiff_into(x, m, b):
 def _ties_merge_device(load, n: int, ws, density: float, scale: float, device, out=None):
     """The same merge on a device (GPU, MPS), from slices that ``load(j, s, e)`` brings there (fp32, read only).
 
-    Pass 1, per model: ``|M_i - base|`` of the whole key in the result buffer (free until pass 2), and its exact
-    threshold by :func:`_common.kth_smallest` (``topk`` of the smaller side: a 0-dim tensor that stays on the device,
-    no wait for the host). Pass 2 in slices of :func:`_common.device_slice` (N + 8 fp32 slices at once at most,
-    about one key): trim (``|d| < t`` set to 0, which is ``hardshrink`` at the float below ``t``; NaN is kept, as
-    there), elect, average, in the order of the CPU path, into the result buffer. Device memory: the result, the
-    selection's values and indices (``min(density, 1 - density)`` of the key, 12 bytes each), and one fp32 key of
-    slices, whatever N."""
+    The base is read N + 1 times: where the loader can (``load.hold``, the engine's), it crosses the bus once and
+    stays on the device in its file dtype, so a key costs 2N + 1 transfers instead of 3N + 1. Pass 1, per model:
+    ``|M_i - base|`` of the whole key in the result buffer (free until pass 2), and its exact threshold by
+    :func:`_common.kth_smallest` (``topk`` of the smaller side: a 0-dim tensor that stays on the device, no wait for
+    the host). Pass 2 in slices of :func:`_common.device_slice` (N + 8 fp32 slices at once at most, about half a
+    key): trim (``|d| < t`` set to 0, which is ``hardshrink`` at the float below ``t``; NaN is kept, as there),
+    elect, average, in the order of the CPU path, into the result buffer. Device memory, whatever N: the result, the
+    held base (half an fp32 key for fp16 files), the selection's values and indices (12 bytes for ``min(density, 1 -
+    density)`` of the key's elements, in pass 1) and half an fp32 key of slices (in pass 2)."""
     import torch
 
     N = len(ws)
     count = min(n, math.ceil(density * n - 1e-9))
     out = result_on(device, n, out)
-    size = device_slice(n, N + 8)  # pass 2 holds the N trimmed differences and up to 8 more slices
+    hold = getattr(load, "hold", None)
+    if hold is not None and 0 < count < n:
+        hold(0)  # the base, read by every threshold and by the merge, crosses the bus once (2N + 1 transfers, not 3N + 1)
+    # pass 2 holds the N trimmed differences and up to 8 more slices: about half a key, room for the held base
+    size = device_slice(n, 2 * (N + 8))
     thresholds = [None] * N
     if 0 < count < n:
         for i in range(N):
@@ -369,8 +375,9 @@ class Ties(MergeMethod):
     memory_note = (
         "the fp32 result of the key, the values near each threshold (about 2% of the key for each of up to 8"
         " models at a time), and N+5 slices of 256 KiB per thread; independent of the number of models (CPU). On a"
-        " GPU: the fp32 result (which holds |M_i - base| while a threshold is selected), the selection's values and"
-        " indices (12 bytes for min(density, 1 - density) of the key's elements) and one fp32 key of slices, flat in N."
+        " GPU: the fp32 result (which holds |M_i - base| while a threshold is selected), the base in its file dtype, the"
+        " selection's values and indices (12 bytes for min(density, 1 - density) of the key's elements) or half an"
+        " fp32 key of slices; flat in N."
     )
 
     def merge_tensor(self, tensors, weights, params, ctx):
