@@ -236,3 +236,26 @@ def test_manifest_and_cli_carry_the_key_layout(tmp_path):
     ap = argparse.ArgumentParser()
     add_arguments(ap)
     assert ap.parse_args([os.fspath(m), "-o", "x.safetensors", "--key-layout", "bare"]).key_layout == "bare"
+
+
+def test_files_with_the_same_key_names_are_renamed_once(tmp_path, monkeypatch):
+    """Merging N files of one layout maps their key names once, not N times (a plan maps every input; the names
+    decide the renaming, the shapes only the structural check after it), with the same answer for each file."""
+    from merger_core.arch import keymap
+
+    paths = []
+    for i, dtype in enumerate(["F16", "BF16"]):
+        layout = {k: (dtype, s) for k, (_, s) in layout_from_json(kl.shared_doc("flux1_dev_bfl")).items()}
+        paths.append(tmp_path / f"m{i}.safetensors")
+        write_sparse(paths[-1], layout)
+    for km in load_keymaps().values():
+        km._renames.clear()  # what earlier tests mapped
+    calls = []
+    real = keymap.Naming.to_canonical
+    monkeypatch.setattr(keymap.Naming, "to_canonical", lambda self, key: calls.append(key) or real(self, key))
+    first = canonical_names(read_header(paths[0]))
+    once = len(calls)
+    second = canonical_names(read_header(paths[1]))
+    assert once > 0 and len(calls) == once
+    assert (second.keymap, second.layout, second.names) == (first.keymap, first.layout, first.names)
+    assert second.renamed and second.names is not first.names  # each caller gets its own dict

@@ -102,6 +102,7 @@ class Keymap:
     architectures: List[str]
     namings: Dict[str, Dict[str, Naming]]  # component -> naming id -> Naming
     layouts: Dict[str, Layout]
+    _renames: Dict[tuple, tuple] = field(default_factory=dict, repr=False, compare=False)  # see _rename
 
     def naming(self, component: str, naming_id: str) -> Naming:
         return self.namings[component][naming_id]
@@ -198,26 +199,44 @@ def _match_key(key: str, namings: Sequence[Naming]) -> Optional[Tuple[Naming, st
     return None if best is None else (best[1], best[2])
 
 
+RENAMES_KEPT = 8  # key-name lists whose renaming each keymap remembers (the files of one merge share one)
+
+
 def _rename(tensors, km: Keymap):
-    """(file key -> canonical key, component -> Counter of naming ids, refused namings seen)."""
+    """(file key -> canonical key, component -> Counter of naming ids, refused namings seen), as new dicts.
+
+    The answer depends only on the key names, so it is kept per keymap for the last few name lists: the N files of
+    a merge (or a folder of one model family) are mapped once, not N times."""
+    keys = tuple(tensors)
+    kept = km._renames.get(keys)
+    if kept is None:
+        kept = _rename_keys(keys, km)
+        if len(km._renames) >= RENAMES_KEPT:
+            km._renames.pop(next(iter(km._renames)))
+        km._renames[keys] = kept
+    canon, used, refused = kept
+    return dict(zip(keys, canon)), {c: dict(per) for c, per in used.items()}, dict(refused)
+
+
+def _rename_keys(keys, km: Keymap):
     namings = km.all_namings()
-    names: Dict[str, str] = {}
+    canon: List[str] = []
     used: Dict[str, Dict[str, int]] = {}
     refused: Dict[Tuple[str, str], int] = {}
-    for k in tensors:
+    for k in keys:
         m = _match_key(k, namings)
         if m is None:
-            names[k] = k
+            canon.append(k)
             continue
         n, c = m
         if n.refuse:
             refused[(n.component, n.id)] = refused.get((n.component, n.id), 0) + 1
-            names[k] = k
+            canon.append(k)
             continue
-        names[k] = c
+        canon.append(c)
         per = used.setdefault(n.component, {})
         per[n.id] = per.get(n.id, 0) + 1
-    return names, used, refused
+    return tuple(canon), used, refused
 
 
 def _whole_file_unet(names: Dict[str, str], used, km: Keymap) -> Dict[str, str]:
