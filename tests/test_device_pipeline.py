@@ -87,14 +87,16 @@ def test_the_pipeline_gives_the_chunked_paths_file_byte_for_byte(tmp_path, metho
 
 @pytest.mark.parametrize("method,params", [("weighted_sum", {}), ("ties", {"density": 0.4})])
 @pytest.mark.parametrize("dtype", ["fp16", "keep"])
-@pytest.mark.parametrize("kind", ["fp8", "f64"])
+@pytest.mark.parametrize("kind", ["fp8", "f64", "bf16"])
 def test_dtypes_a_backend_lacks_are_cast_on_the_host(tmp_path, method, params, dtype, kind, monkeypatch):
-    """MPS has no fp8 and no float64: the pipeline widens fp8 inputs to fp16 (exact) and rounds float64 inputs to
-    fp32 on the host there, and brings such outputs back as fp32 to cast them on the host; the merge gives the bytes
-    of the chunked path (forced here on the CPU with the pipeline's ``host_casts``)."""
+    """MPS has no fp8 and no float64, and no bfloat16 before macOS 14: the pipeline widens fp8 inputs to fp16 and
+    bf16 inputs to fp32 (both exact) and rounds float64 inputs to fp32 on the host there, and brings such outputs
+    back as fp32 to cast them on the host; the merge gives the bytes of the chunked path (forced here on the CPU with
+    the pipeline's ``host_widen``, for a device without bf16)."""
     g = torch.Generator().manual_seed(6)
     paths = []
-    kinds = [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fn] if kind == "fp8" else [torch.float64] * 3
+    kinds = {"fp8": [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fn], "f64": [torch.float64] * 3,
+             "bf16": [torch.bfloat16] * 3}[kind]
     for i, dt in enumerate(kinds):
         ts = {k: (torch.randn(shape, generator=g) * 2).to(dt) for k, shape in KEYS.items() if k != "e.position_ids"}
         p = tmp_path / f"f{i}.safetensors"
@@ -108,7 +110,7 @@ def test_dtypes_a_backend_lacks_are_cast_on_the_host(tmp_path, method, params, d
 
     def init(self, *a, **kw):
         real_init(self, *a, **kw)
-        self.host_casts = True
+        self.host_widen = pipeline_mod.host_widening(torch, has_bf16=False)
         self.staging = [torch.empty(2 * b.numel(), dtype=torch.uint8) for b in self.staging]
         self.dev_in = [torch.empty(2 * b.numel(), dtype=torch.uint8) for b in self.dev_in]
 
@@ -129,6 +131,8 @@ def test_dtypes_a_backend_lacks_are_cast_on_the_host(tmp_path, method, params, d
     monkeypatch.setattr(pipeline_mod.DevicePipeline, "finish", finish)
     got, _ = merge_to_state_dict(_plan(paths, method=method, params=params, dtype=dtype))
     assert sent and set(sent) == {torch.float16 if kind == "fp8" else torch.float32}
+    assert all(pipeline_mod.host_widening(torch, has_bf16=True).get(dt) == {"bf16": None}.get(kind, d)
+               for dt, d in zip(kinds, sent))  # a device with bf16 takes it as it is
     assert came_back and set(came_back) == ({torch.float16} if dtype == "fp16" else {torch.float32})
     assert _equal(want, got)
 

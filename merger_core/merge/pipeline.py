@@ -49,12 +49,12 @@ class DevicePipeline:
         self.cuda = device.type == "cuda"
         self.mps = device.type == "mps"
         pin = self.cuda
-        # MPS has no fp8 and no float64 dtypes: there fp8 inputs are widened to fp16 on the host (exactly: every
-        # e4m3fn and e5m2 value is an fp16 value; the staging buffers hold twice their bytes) and float64 inputs
-        # rounded to fp32 (as the merge itself does first) before they go over, and such outputs come back in fp32
-        # and are cast on the host
-        self.host_casts = self.mps
-        in_bytes = max(16, int(in_bytes)) * (2 if self.host_casts else 1)
+        # MPS has no fp8 and no float64 dtypes, and no bfloat16 before macOS 14: there such inputs are widened on the
+        # host before they go over (fp8 to fp16 and bf16 to fp32, exactly; the staging buffers hold twice their
+        # bytes; float64 rounded to fp32, as the merge itself does first), and such outputs come back in fp32 and
+        # are cast on the host
+        self.host_widen = host_widening(torch, has_bf16=_has_bf16(torch, device)) if self.mps else {}
+        in_bytes = max(16, int(in_bytes)) * (2 if self.host_widen else 1)
         out_bytes = max(16, int(out_bytes))
         self.staging = [torch.empty(in_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self.dev_in = [torch.empty(in_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
@@ -86,8 +86,9 @@ class DevicePipeline:
         torch = self.torch
         slot = self.in_slot
         self.in_slot ^= 1
-        if self.host_casts and flat.dtype.is_floating_point and flat.element_size() in (1, 8):
-            flat = flat.to(torch.float16 if flat.element_size() == 1 else torch.float32)
+        wider = self.host_widen.get(flat.dtype)
+        if wider is not None:
+            flat = flat.to(wider)
         nbytes = flat.numel() * flat.element_size()
         if self.cuda and self._used_in[slot]:
             self.staged[slot].synchronize()  # the last upload out of this staging buffer is done
@@ -140,8 +141,8 @@ class DevicePipeline:
                 values = torch.nan_to_num(values, nan=0.0, posinf=limit, neginf=-limit).clamp_(-limit, limit)
         else:
             counts.zero_()
-        cast_on_host = self.host_casts and out_dt.is_floating_point and out_dt.itemsize in (1, 8)
-        if cast_on_host:  # no fp8 or float64 on the device: fp32 comes back (the buffers hold it), cast on the host
+        cast_on_host = out_dt in self.host_widen
+        if cast_on_host:  # a dtype the device lacks: fp32 comes back (the buffers hold it), cast on the host
             out_dt, nbytes = torch.float32, n * 4
         dev = self.dev_out[slot][:nbytes].view(out_dt)
         dev.copy_(values.reshape(-1)[:n])
@@ -186,6 +187,28 @@ class DevicePipeline:
             self.torch.cuda.synchronize(self.device)
         elif self.mps:
             self.torch.mps.synchronize()
+
+
+def host_widening(torch, has_bf16: bool = True) -> dict:
+    """{dtype a device lacks: what the host widens it to first} for MPS: every fp8 to fp16 and bf16 (without
+    ``has_bf16``) to fp32, exactly; float64 to fp32, as the merge rounds it anyway."""
+    out = {dt: torch.float16 for dt in (getattr(torch, n, None) for n in FP8_NAMES) if dt is not None}
+    out[torch.float64] = torch.float32
+    if not has_bf16:
+        out[torch.bfloat16] = torch.float32
+    return out
+
+
+FP8_NAMES = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+
+
+def _has_bf16(torch, device) -> bool:
+    """Whether ``device`` computes in bfloat16 (MPS does from macOS 14 on)."""
+    try:
+        (torch.ones(2, dtype=torch.bfloat16, device=device) * 2).float().cpu()
+        return True
+    except (RuntimeError, TypeError):
+        return False
 
 
 def device_bytes(prep) -> Tuple[int, int, int]:
