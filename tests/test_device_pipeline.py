@@ -328,3 +328,21 @@ def test_ties_on_the_device_sends_the_base_over_once_per_key(tmp_path, monkeypat
     got = merge_to_file(plan(), tmp_path / "dev.safetensors")
     assert got.tensor_sha256 == want.tensor_sha256
     assert sum(sent) == (2 * models + 1) * n, (sum(sent) / n, len(sent))
+
+
+def test_host_widening_is_exact_for_every_dtype_a_device_lacks():
+    """Every float dtype of the dtype table that MPS lacks is widened to one that holds each of its values exactly
+    (fp8 e4m3/e5m2 to fp16; e8m0, whose powers of two reach 2^127, to fp32), and the staging buffers have room for
+    the widest of them."""
+    from merger_core.io.safetensors import DTYPES
+
+    widen = pipeline_mod.host_widening(torch, has_bf16=False)
+    lacking = [getattr(torch, d.torch_name) for d in DTYPES.values()
+               if d.is_float and (d.size in (1, 8) or d.name == "BF16") and hasattr(torch, d.torch_name)]
+    assert set(widen) == set(lacking)
+    for dt, wider in widen.items():
+        if dt.itemsize == 1:  # every code
+            codes = torch.arange(256, dtype=torch.uint8).view(dt)
+            assert torch.allclose(codes.to(wider).double(), codes.double(), rtol=0, atol=0, equal_nan=True), dt
+    assert pipeline_mod.staging_factor(widen) == 4  # e8m0 -> fp32
+    assert pipeline_mod.staging_factor({}) == 1

@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, Deque, List, Optional, Tuple
 
-from ..io.safetensors import torch_dtype
+from ..io.safetensors import DTYPES, torch_dtype
 
 
 class DevicePipeline:
@@ -50,11 +50,10 @@ class DevicePipeline:
         self.mps = device.type == "mps"
         pin = self.cuda
         # MPS has no fp8 and no float64 dtypes, and no bfloat16 before macOS 14: there such inputs are widened on the
-        # host before they go over (fp8 to fp16 and bf16 to fp32, exactly; the staging buffers hold twice their
-        # bytes; float64 rounded to fp32, as the merge itself does first), and such outputs come back in fp32 and
-        # are cast on the host
+        # host before they go over (exactly, but float64, rounded to fp32 as the merge itself does first; the
+        # staging buffers have room for the widest), and such outputs come back in fp32 and are cast on the host
         self.host_widen = host_widening(torch, has_bf16=_has_bf16(torch, device)) if self.mps else {}
-        in_bytes = max(16, int(in_bytes)) * (2 if self.host_widen else 1)
+        in_bytes = max(16, int(in_bytes)) * staging_factor(self.host_widen)
         out_bytes = max(16, int(out_bytes))
         self.staging = [torch.empty(in_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self.dev_in = [torch.empty(in_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
@@ -190,16 +189,24 @@ class DevicePipeline:
 
 
 def host_widening(torch, has_bf16: bool = True) -> dict:
-    """{dtype a device lacks: what the host widens it to first} for MPS: every fp8 to fp16 and bf16 (without
-    ``has_bf16``) to fp32, exactly; float64 to fp32, as the merge rounds it anyway."""
-    out = {dt: torch.float16 for dt in (getattr(torch, n, None) for n in FP8_NAMES) if dt is not None}
-    out[torch.float64] = torch.float32
-    if not has_bf16:
-        out[torch.bfloat16] = torch.float32
+    """{dtype a device lacks: what the host widens it to first} for MPS, from the dtype table: fp8 e4m3 and e5m2 to
+    fp16 and e8m0 (powers of two up to 2^127) to fp32, exactly, bf16 (without ``has_bf16``) to fp32, exactly; float64
+    to fp32, as the merge rounds it anyway."""
+    out = {}
+    for d in DTYPES.values():
+        dt = getattr(torch, d.torch_name, None)
+        if dt is None or not d.is_float:
+            continue
+        if d.size == 1:
+            out[dt] = torch.float16 if torch.finfo(dt).max <= torch.finfo(torch.float16).max else torch.float32
+        elif d.size == 8 or (dt == torch.bfloat16 and not has_bf16):
+            out[dt] = torch.float32
     return out
 
 
-FP8_NAMES = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+def staging_factor(widen: dict) -> int:
+    """How many times its file bytes an input takes in the staging buffers once widened (``host_widening``)."""
+    return max([wider.itemsize // dt.itemsize for dt, wider in widen.items()] + [1])
 
 
 def _has_bf16(torch, device) -> bool:
