@@ -555,11 +555,14 @@ class _Runner:
         """Input ``i``'s values of elements ``start..stop`` of the key, in fp32 (the error path's look at the inputs)."""
         return self.widen(i, views[i].reshape(-1)[start:stop])
 
-    def widen(self, i: int, x):
-        """Input ``i``'s elements ``x`` as fp32 values: widened, and for a scaled fp8 input times its scale."""
-        x = x.to(self.torch.float32)
+    def widen(self, i: int, x, copy: bool = False):
+        """Input ``i``'s elements ``x`` as fp32 values: widened, and for a scaled fp8 input times its scale; with
+        ``copy``, always a tensor of their own (``x`` is a buffer about to be reused)."""
+        x = x.to(self.torch.float32, copy=copy)
         scale = self.scales.get(i)
-        return x if scale is None else x * scale
+        if scale is None:
+            return x
+        return x.mul_(scale) if copy else x * scale
 
     def _nonfinite_message(self, job: KeyJob, w, start: int, views, limit: float, nan: int, inf: int, beyond: int) -> str:
         torch = self.torch
@@ -621,32 +624,29 @@ class _Runner:
     def device_loader(self, job: KeyJob, flats):
         """``load(j, s, e)`` for a streaming tensor method (``KeyContext.load``): elements ``s..e`` of the key's input
         ``j`` as a new fp32 device tensor, uploaded through the pipeline's staging buffers and widened there (a
-        scaled fp8 input times its scale). A small key's inputs (``DEVICE_CACHE_MAX`` elements in all) are uploaded
-        once, whole, and sliced after, so a method's many small loads do not each pay a transfer.
+        scaled fp8 input times its scale).
 
         ``load.hold(j)``: a method that reads input ``j`` several times asks for it to cross once; its whole key then
         stays on the device in the dtype it crossed in (no wider), and later loads widen slices of that copy, with the
-        same operations (so the same values) as a fresh upload."""
+        same operations (so the same values) as a fresh upload. A small key's inputs (``DEVICE_CACHE_MAX`` elements
+        in all) are held so at their first load, so a method's many small loads do not each pay a transfer."""
         from ..methods._common import DEVICE_CACHE_MAX
 
-        cache = {} if job.numel * len(flats) <= DEVICE_CACHE_MAX else None
+        small = job.numel * len(flats) <= DEVICE_CACHE_MAX
         held = {}
 
-        def load(j: int, s: int, e: int):
-            if j in held:
-                return self.widen_held(job.sources[j], held[j][s:e])
-            if cache is None:
-                return self.widen_on_device(job.sources[j], flats[j][s:e])
-            x = cache.get(j)
-            if x is None:
-                x = cache[j] = self.widen_on_device(job.sources[j], flats[j])
-            return x[s:e]
-
         def hold(j: int) -> None:
-            if cache is None and j not in held:
+            if j not in held:
                 dev, slot = self.pipe.upload(flats[j])
                 held[j] = dev.clone()
                 self.pipe.release(slot)
+
+        def load(j: int, s: int, e: int):
+            if small:
+                hold(j)
+            if j in held:
+                return self.widen(job.sources[j], held[j][s:e], copy=True)
+            return self.widen_on_device(job.sources[j], flats[j][s:e])
 
         load.hold = hold
         return load
@@ -654,16 +654,9 @@ class _Runner:
     def widen_on_device(self, i: int, flat):
         """Input ``i``'s host elements ``flat`` as a new fp32 device tensor (through the staging buffers)."""
         dev, slot = self.pipe.upload(flat)
-        x = self.widen_held(i, dev)
+        x = self.widen(i, dev, copy=True)
         self.pipe.release(slot)
         return x
-
-    def widen_held(self, i: int, dev):
-        """Input ``i``'s elements ``dev``, already on the device as they crossed the bus, as a new fp32 tensor (times
-        the input's scale, for a scaled fp8 input)."""
-        x = dev.to(self.torch.float32, copy=True)
-        scale = self.scales.get(i)
-        return x if scale is None else x.mul_(scale)
 
     def emit_device(self, job: KeyJob, values) -> None:
         """Queue the fp32 device values of ``job`` for their cast, range check and download; their bytes reach the

@@ -45,15 +45,20 @@ def uniforms(key_seed: int, input_index: int, offset: int, n: int, out=None):
 
     if n <= 0:
         return torch.empty(0, dtype=torch.float32)
-    first, last = offset // BLOCK, (offset + n - 1) // BLOCK
-    size = (last - first + 1) * BLOCK
+    first, size = _blocks(offset, n)
     u = out[:size] if out is not None and out.numel() >= size else torch.empty(size, dtype=torch.float32)
     g = _generator()
-    for i, blk in enumerate(range(first, last + 1)):
+    for i, blk in enumerate(range(first, first + size // BLOCK)):
         g.manual_seed(block_seed(key_seed, input_index, blk))
         torch.rand(BLOCK, generator=g, out=u[i * BLOCK : (i + 1) * BLOCK])
     start = offset - first * BLOCK
     return u[start : start + n]
+
+
+def _blocks(offset: int, n: int):
+    """(first block, elements of the whole blocks) that elements ``offset .. offset+n`` (n >= 1) of a difference touch."""
+    first, last = offset // BLOCK, (offset + n - 1) // BLOCK
+    return first, (last - first + 1) * BLOCK
 
 
 def _generator():
@@ -87,8 +92,7 @@ def dare_merge(tensors, weights, drop: float, scale: float, key_seed: int, sourc
     models = [m.reshape(-1) for m in tensors[1:]]
     out = empty_f32(n) if out is None else out.reshape(-1)[:n]
     if drop > 0:
-        first, last = offset // BLOCK, (offset + max(n, 1) - 1) // BLOCK
-        size = (last - first + 1) * BLOCK
+        size = _blocks(offset, max(n, 1))[1]
         # an engine chunk's draws go to buffers kept per thread; a whole large key's are allocated for the call
         room = scratch("dare-draws", len(models), size) if size <= DRAWS_KEPT else [None] * len(models)
         draws = [uniforms(key_seed, src, offset, n, buf) for src, buf in zip(sources[1:], room)]

@@ -88,7 +88,7 @@ class TrainDifference(MergeMethod):
             for s, e in slices(n, device_slice(n, 11)):  # 3 inputs and up to 8 temporaries
                 out[s:e] = train_difference(load(0, s, e), load(1, s, e), load(2, s, e), alpha)
             return out
-        out = ctx.out.reshape(-1)[:n] if ctx.out is not None else torch.empty(n, dtype=torch.float32)
+        out = result_on(a.device, n, ctx.out)
         floor = 1e-45 if _denormals_kept() else 0.0
 
         def one(s, e):
